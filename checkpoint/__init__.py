@@ -1,0 +1,1 @@
+"""Checkpointing: universal format, lazy asynchronous engine, resharding loader."""

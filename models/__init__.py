@@ -1,0 +1,1 @@
+"""Plain model definitions: buildable and runnable in one process, no process groups."""

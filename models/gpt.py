@@ -1,0 +1,255 @@
+"""Llama-style decoder (RMSNorm, rotary embeddings, SwiGLU, grouped-query attention).
+
+A plain ``nn.Module`` that knows nothing of process groups (torchtitan's ``llama3`` model is
+the model for it). Hooks that parallelism relies on, all without changing the math:
+
+- ``layers`` is an ``nn.ModuleDict`` keyed ``"0".."L-1"``: a pipeline stage deletes the blocks
+  it does not own and keeps the original parameter names (``layers.5.attention.wq.weight``).
+- ``tok_embeddings``, ``norm`` and ``output`` may be ``None`` on middle/first/last stages;
+  ``forward`` then takes or returns hidden states.
+- Shapes use ``-1`` for head counts, so tensor parallelism can shard the projections
+  column-wise and the same code runs on the local heads.
+- Attention's inner product is the ``CoreAttention`` submodule with (B, S, H, D) inputs, the
+  seam where Ulysses sequence parallelism inserts its all-to-alls.
+- ``forward(tokens, positions)`` takes global position ids, so a sequence shard applies the
+  rotary embedding of its true positions.
+- ``init_tensor(name, shape, generator)`` defines each parameter's initial value from its
+  name alone, so the same seed gives the same weights whatever the layout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class GPTConfig:
+    """Model hyper-parameters (see ``train.config.ModelArgs`` for the field docs)."""
+
+    vocab_size: int = 256
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0
+    ffn_hidden: int = 0
+    multiple_of: int = 32
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    padded_vocab_size: int = 0
+    """Rows of the embedding/output (>= vocab_size, e.g. padded to a multiple of tp); 0 = none."""
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads <= 0:
+            self.n_kv_heads = self.n_heads
+        if self.ffn_hidden <= 0:
+            hidden = int(8 * self.dim / 3)
+            self.ffn_hidden = self.multiple_of * math.ceil(hidden / self.multiple_of)
+        if self.padded_vocab_size <= 0:
+            self.padded_vocab_size = self.vocab_size
+        if self.dim % self.n_heads:
+            raise ValueError(
+                f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(
+    head_dim: int, positions: torch.Tensor, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for ``positions``.
+
+    Args:
+        head_dim: per-head size (even).
+        positions: (S,) integer global positions.
+        theta: rotary base.
+
+    Returns:
+        cos_SD, sin_SD of shape (S, head_dim // 2), fp32.
+    """
+    inv = 1.0 / (
+        theta
+        ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    )
+    ang_SD = positions.to(torch.float32)[:, None] * inv[None, :]
+    return ang_SD.cos(), ang_SD.sin()
+
+
+def apply_rope(x_BSHD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of every head by the position's angle."""
+    x = x_BSHD.float().unflatten(-1, (-1, 2))
+    x0, x1 = x[..., 0], x[..., 1]
+    c, s = cos_SD[None, :, None, :], sin_SD[None, :, None, :]
+    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+    return out.type_as(x_BSHD)
+
+
+class CoreAttention(nn.Module):
+    """Causal scaled-dot-product attention on (B, S, H, D) tensors; kv may have fewer heads."""
+
+    def forward(
+        self, q_BSHD: torch.Tensor, k_BSKD: torch.Tensor, v_BSKD: torch.Tensor
+    ) -> torch.Tensor:
+        q, k, v = (t.transpose(1, 2) for t in (q_BSHD, k_BSKD, v_BSKD))
+        rep = q.shape[1] // k.shape[1]
+        if rep > 1:
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return o.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with rotary embeddings."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.core = CoreAttention()
+
+    def forward(
+        self, x_BSE: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor
+    ) -> torch.Tensor:
+        B, S, _ = x_BSE.shape
+        q = self.wq(x_BSE).view(B, S, -1, self.head_dim)
+        k = self.wk(x_BSE).view(B, S, -1, self.head_dim)
+        v = self.wv(x_BSE).view(B, S, -1, self.head_dim)
+        q, k = apply_rope(q, cos_SD, sin_SD), apply_rope(k, cos_SD, sin_SD)
+        o_BSHD = self.core(q, k, v)
+        return self.wo(o_BSHD.reshape(B, o_BSHD.shape[1], -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = self.make_ffn(cfg)
+
+    def make_ffn(self, cfg: GPTConfig) -> nn.Module:
+        return FeedForward(cfg.dim, cfg.ffn_hidden)
+
+    def forward(self, x: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos_SD, sin_SD)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class GPT(nn.Module):
+    """Decoder-only language model.
+
+    Example::
+
+        model = GPT(GPTConfig(dim=64, n_layers=2, n_heads=4))
+        logits_BSV = model(tokens_BS)
+    """
+
+    block_cls = Block
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.padded_vocab_size, cfg.dim)
+        self.layers = nn.ModuleDict({str(i): self.block_cls(cfg) for i in range(cfg.n_layers)})
+        self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.padded_vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Args:
+            x: (B, S) token ids, or (B, S, E) hidden states on a stage without embeddings.
+            positions: (S,) global positions (default ``arange(S)``).
+
+        Returns:
+            (B, S, V) logits (V = padded vocabulary), or (B, S, E) hidden states on a stage
+            without the output projection.
+        """
+        h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
+        if positions is None:
+            positions = torch.arange(h.shape[1], device=h.device)
+        cos_SD, sin_SD = rope_tables(self.cfg.head_dim, positions, self.cfg.rope_theta)
+        for layer in self.layers.values():
+            h = layer(h, cos_SD, sin_SD)
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.output(h) if self.output is not None else h
+
+    # -- initialisation ---------------------------------------------------------------------
+    def init_tensor(
+        self, name: str, shape: tuple[int, ...], generator: torch.Generator
+    ) -> torch.Tensor:
+        """Initial value of parameter ``name`` (canonical FQN) with its global ``shape``.
+
+        Depends only on the name, shape and generator, never on the layout. Vocabulary rows
+        beyond ``vocab_size`` (tensor-parallel padding) are zero.
+        """
+        cfg = self.cfg
+        if name.endswith("norm.weight"):
+            return torch.ones(shape)
+        std = cfg.init_std
+        if name.endswith(("wo.weight", "w2.weight")):
+            std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        if name in ("tok_embeddings.weight", "output.weight") and shape[0] > cfg.vocab_size:
+            t = torch.zeros(shape)
+            t[: cfg.vocab_size].normal_(0.0, std, generator=generator)
+            return t
+        return torch.empty(shape).normal_(0.0, std, generator=generator)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings and self.tok_embeddings is not None:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+
+def build_gpt(model_args: object) -> GPT:
+    """Build a GPT from ``train.config.ModelArgs`` (or any object with the same fields)."""
+    fields = GPTConfig.__dataclass_fields__
+    kwargs = {k: getattr(model_args, k) for k in fields if hasattr(model_args, k)}
+    return GPT(GPTConfig(**kwargs))

@@ -1,0 +1,1 @@
+"""Optimizer-state offload (CPU / NVMe tiers, interleaved updates)."""

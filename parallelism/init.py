@@ -1,0 +1,59 @@
+"""Materialise a meta-device model and initialise it identically whatever the layout.
+
+Every parameter's initial value is drawn from a generator seeded by (seed, canonical name), on
+the CPU, at its full logical shape, and each rank keeps only its shard. A tensor-parallel,
+FSDP-sharded or pipelined model therefore starts from exactly the weights of the single-process
+model (DTensor's own random ops only guarantee that on CUDA, and only for one mesh). The price is
+one full tensor at a time on the host during start-up, as Megatron's CPU initialisation pays.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.", "module.")
+
+
+def canonical_name(fqn: str) -> str:
+    """The parameter's name in the plain model (wrapper prefixes removed)."""
+    for p in WRAPPER_PREFIXES:
+        fqn = fqn.replace(p, "")
+    return fqn
+
+
+def param_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator whose stream depends only on ``seed`` and the canonical ``name``."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+
+
+@torch.no_grad()
+def copy_full_into_(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full (logical) tensor into ``param``, keeping only this rank's shard for DTensors."""
+    if isinstance(param, DTensor):
+        shard = distribute_tensor(
+            full.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None
+        )
+        param.to_local().copy_(shard.to_local())
+    else:
+        param.copy_(full.to(param.dtype))
+
+
+@torch.no_grad()
+def materialize_and_init_(model: nn.Module, seed: int, device: torch.device | str = "cpu") -> None:
+    """Allocate a (meta) model on ``device`` and fill every parameter from its seeded generator.
+
+    The model (or the module that owns the parameters under wrappers) must define
+    ``init_tensor(name, shape, generator)``.
+    """
+    root = getattr(model, "init_tensor", None)
+    if root is None:
+        raise TypeError(f"{type(model).__name__} has no init_tensor(name, shape, generator)")
+    model.to_empty(device=device)
+    for fqn, p in model.named_parameters():
+        name = canonical_name(fqn)
+        full = root(name, tuple(p.shape), param_generator(seed, name))
+        copy_full_into_(p, full)

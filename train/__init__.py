@@ -1,0 +1,1 @@
+"""Lattice trainer: entry point, typed config, loop, data, metrics."""

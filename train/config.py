@@ -1,0 +1,225 @@
+"""Typed configuration: the schema of every Lattice experiment.
+
+The dataclasses here are the single source of truth (Meta Lingua / lightning-hydra-template
+style): they are registered in Hydra's ConfigStore as ``base_config``, the YAML groups under
+``configs/`` only hold differences, and ``load_config`` turns the composed OmegaConf tree back
+into these typed objects. Unknown keys are rejected because the schema is a structured config.
+
+The override keys (``train.steps``, ``parallel.tp``, ...) are the public interface: renaming
+one is a breaking change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class RunArgs:
+    """Where and under which name a run writes its outputs."""
+
+    name: str = "default"
+    """Experiment name; also names the default run directory."""
+    dir: str = "runs/${run.name}"
+    """Run directory (config.yaml, metrics.jsonl, loss.png, checkpoints/). Deterministic, so
+    every torchrun rank resolves the same folder; never put ``${now:}`` here under torchrun."""
+
+
+@dataclass
+class ModelArgs:
+    """A model family and its size. Fields not used by a family are ignored by it."""
+
+    name: str = "gpt"
+    """Model family: ``gpt`` (Llama-style decoder)."""
+    vocab_size: int = 256
+    """Vocabulary size (256 for the byte-level corpus)."""
+    dim: int = 128
+    """Hidden size."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Query heads."""
+    n_kv_heads: int = 0
+    """Key/value heads for grouped-query attention; 0 means n_heads (multi-head attention)."""
+    ffn_hidden: int = 0
+    """SwiGLU hidden size; 0 means 8/3 x dim rounded up to ``multiple_of``."""
+    multiple_of: int = 32
+    """Rounding of the derived SwiGLU hidden size."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    rope_theta: float = 10000.0
+    """Rotary embedding base."""
+    max_seq_len: int = 2048
+    """Longest sequence the rotary table covers."""
+    tie_embeddings: bool = False
+    """Share the token embedding and the output projection."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation of linear and embedding weights."""
+
+
+@dataclass
+class TrainArgs:
+    """The optimisation loop."""
+
+    steps: int = 300
+    """Optimizer steps to run."""
+    seed: int = 0
+    """Seed of weights, data order and dropout: same seed, same run, whatever the layout."""
+    global_batch_size: int = 32
+    """Sequences per optimizer step, summed over all data-parallel ranks and micro-batches."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward on one data-parallel rank."""
+    seq_len: int = 128
+    """Tokens per sequence."""
+    warmup_steps: int = 30
+    """Linear warm-up steps before the cosine decay."""
+    eval_every: int = 100
+    """Validate every N steps (0 disables periodic validation; a final one always runs)."""
+    eval_batches: int = 8
+    """Global batches of the validation split per validation."""
+    dtype: str = "fp32"
+    """Compute dtype under autocast: ``fp32`` or ``bf16`` (weights and optimizer stay fp32)."""
+    activation_checkpoint: bool = False
+    """Recompute each transformer block in backward instead of storing its activations."""
+    compile: bool = False
+    """``torch.compile`` each transformer block."""
+    max_time_s: float = 0.0
+    """Stop early after this many seconds of training (0 = no limit)."""
+
+
+@dataclass
+class OptimArgs:
+    """AdamW with warm-up and cosine decay."""
+
+    name: str = "adamw"
+    """Optimizer; only ``adamw`` for now."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of ``lr`` at the end of the cosine."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (applied to matrices only, not norms)."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+    impl: str = "auto"
+    """Kernel: ``auto`` (fused where supported, else foreach), ``fused``, ``foreach``,
+    ``for_loop``."""
+
+
+@dataclass
+class ParallelArgs:
+    """Degrees of every parallel dimension; their product must equal the world size."""
+
+    dp_replicate: int = 1
+    """Replicated data parallelism (DDP); with dp_shard > 1 the replica groups of HSDP."""
+    dp_shard: int = -1
+    """Sharded data parallelism (FSDP2, ZeRO-3-like). -1: whatever the world size leaves."""
+    tp: int = 1
+    """Tensor parallelism (Megatron column/row)."""
+    pp: int = 1
+    """Pipeline stages."""
+    pp_schedule: str = "1f1b"
+    """Pipeline schedule: ``gpipe``, ``1f1b`` or ``interleaved_1f1b``."""
+    pp_virtual: int = 1
+    """Virtual stages per pipeline rank (interleaved schedule)."""
+    pp_microbatches: int = 0
+    """Pipeline micro-batches per step; 0 means global_batch / (micro_batch x dp)."""
+    sp: int = 1
+    """DeepSpeed-Ulysses sequence parallelism."""
+    ep: int = 1
+    """Expert parallelism (MoE models), borrowed from the dp_shard x sp ranks."""
+    sequence_parallel_norms: bool = False
+    """Megatron sequence parallelism of norms/dropout inside tensor-parallel regions."""
+    allow_cross_host_tp: bool = False
+    """Accept tensor-parallel groups that span hosts (slow; rejected by default)."""
+    backend: str = "auto"
+    """Process-group backend: ``auto`` (nccl with CUDA, gloo otherwise), ``gloo``, ``nccl``."""
+    timeout_s: float = 600.0
+    """Collective timeout: a dead or mismatched rank fails after this long instead of hanging."""
+
+
+@dataclass
+class DataArgs:
+    """Where tokens come from."""
+
+    name: str = "stdlib"
+    """``stdlib``: bytes of the Python standard library's source (no download);
+    ``shards``: memory-mapped token shards written by ``python -m train.prepare``."""
+    path: str = ""
+    """Folder with ``train.bin``/``val.bin``/``meta.json`` (``shards``), or the cache folder of
+    the ``stdlib`` corpus (empty = ``data_cache/stdlib`` under the current directory)."""
+    max_bytes: int = 16_000_000
+    """``stdlib`` only: cap on corpus bytes read (keeps preparation to seconds)."""
+    val_fraction: float = 0.05
+    """``stdlib`` only: share of files (chosen by a hash of their path) held out for validation."""
+    backend: str = "torch"
+    """Loader backend: ``torch``."""
+
+
+@dataclass
+class CheckpointArgs:
+    """Saving and resuming."""
+
+    enabled: bool = False
+    """Save checkpoints."""
+    every: int = 0
+    """Save every N steps (0 = only at the end when enabled)."""
+    keep_last: int = 2
+    """Committed checkpoints to keep."""
+    mode: str = "lazy_async"
+    """``sync``, ``async`` or ``lazy_async``."""
+    resume: str = ""
+    """``latest``, a checkpoint path, or empty to start fresh."""
+
+
+@dataclass
+class OffloadArgs:
+    """Optimizer-state offload."""
+
+    kind: str = "none"
+    """``none``."""
+
+
+@dataclass
+class LoggingArgs:
+    """Metrics and progress output."""
+
+    every: int = 10
+    """Log a metrics line every N steps (always on the first and the last)."""
+    progress: bool = True
+    """Progress bar on rank 0 (loss, tokens/s, ETA)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (offline mode unless WANDB_MODE says otherwise)."""
+    wandb_project: str = "lattice"
+    """W&B project name."""
+    plot: bool = True
+    """Write ``loss.png`` at the end."""
+
+
+@dataclass
+class JobConfig:
+    """Root of an experiment; one field per config group."""
+
+    run: RunArgs = field(default_factory=RunArgs)
+    model: ModelArgs = field(default_factory=ModelArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    parallel: ParallelArgs = field(default_factory=ParallelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
+    offload: OffloadArgs = field(default_factory=OffloadArgs)
+    logging: LoggingArgs = field(default_factory=LoggingArgs)
+
+
+def register_configs() -> None:
+    """Register the schema (and each group's schema) in Hydra's ConfigStore."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=JobConfig)

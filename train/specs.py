@@ -1,0 +1,87 @@
+"""Model specs: bind a model family to its builder, parallelizer and loss (torchtitan's
+TrainSpec), so the trainer never imports a concrete model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parallelism.dims import LayoutError, ParallelDims
+
+
+@dataclass
+class ModelSpec:
+    """How to build, parallelize, initialise and score one model family."""
+
+    name: str
+    build: Callable[[object], nn.Module]
+    parallelize: Callable[[nn.Module, ParallelDims, object], nn.Module]
+    finalize: Callable[[nn.Module, ParallelDims], nn.Module]
+    loss: Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
+    validate: Callable[[object, ParallelDims], None]
+
+    def build_and_parallelize(
+        self, job: object, dims: ParallelDims, device: torch.device
+    ) -> nn.Module:
+        """Meta-device build -> parallelize -> materialise + seeded init -> post-init wrappers."""
+        from parallelism.init import materialize_and_init_
+
+        with torch.device("meta"):
+            model = self.build(job.model)
+        model = self.parallelize(model, dims, job)
+        materialize_and_init_(model, job.train.seed, device)
+        return self.finalize(model, dims)
+
+    @staticmethod
+    def describe(model: nn.Module) -> str:
+        n = sum(p.numel() for p in model.parameters())
+        return f"{type(model).__name__} ({n / 1e6:.2f}M local params)"
+
+
+def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor, job: object) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32; vocabulary padding never enters the softmax."""
+    logits = logits_BSV[..., : job.model.vocab_size]
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets_BS.flatten())
+
+
+def validate_gpt(job: object, dims: ParallelDims) -> None:
+    m = job.model
+    n_kv = m.n_kv_heads or m.n_heads
+    if m.dim % m.n_heads:
+        raise LayoutError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
+    if m.n_heads % n_kv:
+        raise LayoutError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={n_kv}")
+    if job.train.seq_len > m.max_seq_len:
+        raise LayoutError(
+            f"train.seq_len={job.train.seq_len} exceeds model.max_seq_len={m.max_seq_len}"
+        )
+    for name in ("tp", "pp", "sp", "ep"):
+        if getattr(dims, name) > 1 and name not in SUPPORTED_MODEL_PARALLEL:
+            raise LayoutError(
+                f"parallel.{name}={getattr(dims, name)} is not supported yet for model.name=gpt"
+            )
+
+
+SUPPORTED_MODEL_PARALLEL: set[str] = set()
+
+
+def _gpt_spec() -> ModelSpec:
+    from models.gpt import build_gpt
+    from parallelism.parallelize_gpt import finalize_data_parallel, parallelize_gpt
+
+    return ModelSpec(
+        "gpt", build_gpt, parallelize_gpt, finalize_data_parallel, lm_loss, validate_gpt
+    )
+
+
+MODEL_SPECS: dict[str, Callable[[], ModelSpec]] = {"gpt": _gpt_spec}
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    if name not in MODEL_SPECS:
+        raise LayoutError(f"model.name={name!r} is unknown: choose one of {sorted(MODEL_SPECS)}")
+    return MODEL_SPECS[name]()

@@ -1,0 +1,267 @@
+"""The training loop: build (mesh, model, optimizer, data), train, validate, log, close.
+
+Everything that can be wrong with the input is checked by ``plan_run`` before any process group
+exists, and reported as one line (``LayoutError``, ``DataError``, ``ConfigError``). The loop
+itself holds no parallel math: model-family specifics come from a ``ModelSpec`` and every
+parallel transformation from ``parallelism/``.
+
+Loss scaling: each micro-batch contributes ``mean_token_loss / n_micro``; data-parallel
+gradient reduction averages over ranks; so the update equals the single-process update on the
+same global batch (all micro-batches have the same token count), whatever the layout.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from parallelism.dims import LayoutError, ParallelDims, dims_from_config
+from parallelism.utils import all_reduce_mean, clip_grad_norm_
+from train.config import JobConfig
+from train.data import TokenLoader, TokenShards, resolve_data_dir
+from train.metrics import MetricsLogger, plot_loss
+from train.specs import ModelSpec, get_model_spec
+
+
+@dataclass
+class RunPlan:
+    """Everything decided before processes talk to each other."""
+
+    dims: ParallelDims
+    spec: ModelSpec
+    data_dir: Path
+    n_micro: int
+    rank: int
+    local_rank: int
+
+
+def plan_run(job: JobConfig) -> RunPlan:
+    """Validate the config against the world size and the data; no process group is created."""
+    dims = dims_from_config(job.parallel)
+    t = job.train
+    for name in ("steps", "global_batch_size", "micro_batch_size", "seq_len"):
+        if getattr(t, name) < 1:
+            raise LayoutError(f"train.{name}={getattr(t, name)} must be >= 1")
+    per_step = t.micro_batch_size * dims.dp
+    if t.global_batch_size % per_step:
+        raise LayoutError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dims.dp}: "
+            f"use a multiple of {per_step} or change train.micro_batch_size"
+        )
+    if t.dtype not in ("fp32", "bf16"):
+        raise LayoutError(f"train.dtype={t.dtype!r} must be 'fp32' or 'bf16'")
+    spec = get_model_spec(job.model.name)
+    spec.validate(job, dims)
+    data_dir = resolve_data_dir(job.data)
+    return RunPlan(
+        dims,
+        spec,
+        data_dir,
+        t.global_batch_size // per_step,
+        int(os.environ.get("RANK", "0")),
+        int(os.environ.get("LOCAL_RANK", "0")),
+    )
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total`` steps."""
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def build_optimizer(model: nn.Module, optim: object) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only; fused kernel where the parameters allow it."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    kw = {"lr": optim.lr, "betas": (optim.beta1, optim.beta2), "eps": optim.eps}
+    impl = optim.impl
+    if impl == "auto":
+        impl = "fused"
+    if impl == "fused":
+        kw["fused"] = True
+    elif impl == "foreach":
+        kw["foreach"] = True
+    elif impl == "for_loop":
+        kw["foreach"] = False
+    else:
+        raise LayoutError(f"optim.impl={optim.impl!r}: use auto, fused, foreach or for_loop")
+    return torch.optim.AdamW(groups, **kw)
+
+
+class Trainer:
+    """Owns the process group, model, optimizer, data and metrics of one run."""
+
+    def __init__(self, job: JobConfig, cfg: DictConfig, plan: RunPlan) -> None:
+        self.job, self.plan, self.dims = job, plan, plan.dims
+        self.step = 0
+        self.device = self._init_distributed()
+        self.is_rank0 = plan.rank == 0
+        self.run_dir = Path(job.run.dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_rank0:
+            OmegaConf.save(cfg, self.run_dir / "config.yaml")
+        torch.manual_seed(job.train.seed)
+        self.model = plan.spec.build_and_parallelize(job, self.dims, self.device)
+        self.optimizer = build_optimizer(self.model, job.optim)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lr_lambda(job.train.warmup_steps, job.train.steps, job.optim.min_lr_ratio),
+        )
+        self.train_loader, self.val_loader = self._build_loaders()
+        self.loss_group = self.dims.mesh["dp_sp"].get_group() if self.distributed else None
+        self.metrics = MetricsLogger(
+            self.run_dir,
+            self.is_rank0,
+            job.train.steps,
+            job.logging.progress,
+            job.logging.wandb_project if job.logging.wandb else None,
+            OmegaConf.to_container(cfg) if job.logging.wandb else None,
+        )
+
+    # -- set-up -------------------------------------------------------------------------------
+    @property
+    def distributed(self) -> bool:
+        return self.dims.world_size > 1
+
+    def _init_distributed(self) -> torch.device:
+        p = self.job.parallel
+        use_cuda = torch.cuda.is_available() and p.backend != "gloo"
+        device = torch.device("cuda", self.plan.local_rank) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        if self.distributed and not dist.is_initialized():
+            backend = p.backend if p.backend != "auto" else ("nccl" if use_cuda else "gloo")
+            dist.init_process_group(backend, timeout=timedelta(seconds=p.timeout_s))
+        if self.distributed:
+            self.dims.build_mesh(device.type)
+        return device
+
+    def _build_loaders(self) -> tuple[TokenLoader, TokenLoader]:
+        t, d = self.job.train, self.dims
+        coord = d.coordinate(self.plan.rank)
+        dp_rank = coord["dp_replicate"] * d.dp_shard + coord["dp_shard"]
+        mk = lambda split, shuffle: TokenLoader(  # noqa: E731
+            TokenShards.open(self.plan.data_dir, split),
+            t.seq_len,
+            t.global_batch_size,
+            t.micro_batch_size,
+            dp_rank,
+            d.dp,
+            t.seed,
+            shuffle,
+        )
+        return mk("train", True), mk("val", False)
+
+    # -- one step -----------------------------------------------------------------------------
+    def _autocast(self):
+        if self.job.train.dtype == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def forward_backward(self, micro_batches: list) -> torch.Tensor:
+        """Accumulate gradients over this rank's micro-batches; returns the mean loss."""
+        total = torch.zeros((), device=self.device)
+        n = len(micro_batches)
+        for x, y in micro_batches:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self._autocast():
+                loss = self.plan.spec.loss(self.model(x), y, self.job) / n
+            loss.backward()
+            total += loss.detach()
+        return total
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.forward_backward(self.train_loader.next_batch())
+        grad_norm = clip_grad_norm_(self.model.parameters(), self.job.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return loss, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        self.val_loader.load_state_dict({"consumed_samples": 0})
+        losses = []
+        for _ in range(self.job.train.eval_batches):
+            for x, y in self.val_loader.next_batch():
+                with self._autocast():
+                    out = self.model(x.to(self.device))
+                losses.append(self.plan.spec.loss(out, y.to(self.device), self.job).item())
+        self.model.train()
+        return all_reduce_mean(sum(losses) / len(losses), self.loss_group)
+
+    # -- loop ---------------------------------------------------------------------------------
+    def _should_log(self) -> bool:
+        every = self.job.logging.every
+        return (
+            self.step == 1
+            or self.step == self.job.train.steps
+            or (every > 0 and self.step % every == 0)
+        )
+
+    def fit(self) -> dict:
+        """Train ``train.steps`` steps; returns the last logged record."""
+        t = self.job.train
+        tokens_per_step = t.global_batch_size * t.seq_len
+        self.metrics.write(
+            f"model: {self.plan.spec.describe(self.model)} | layout: {self.dims.mesh_shape} "
+            f"(pp, dp_replicate, dp_shard, sp, tp) | micro-batches/step: {self.plan.n_micro}"
+        )
+        start, last = time.perf_counter(), {}
+        while self.step < t.steps:
+            t0 = time.perf_counter()
+            loss, grad_norm = self.train_step()
+            dt = time.perf_counter() - t0
+            if self._should_log():
+                last = {
+                    "step": self.step,
+                    "loss": all_reduce_mean(loss.item(), self.loss_group),
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm.item(),
+                    "tokens_per_s": tokens_per_step / dt,
+                    "step_time_s": dt,
+                }
+                self.metrics.log(last)
+                self.metrics.progress(self.step, last["loss"], last["tokens_per_s"])
+            if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
+                self.metrics.log({"step": self.step, "val_loss": self.evaluate()})
+            if t.max_time_s and time.perf_counter() - start > t.max_time_s:
+                self.metrics.write(f"stopping at step {self.step}: train.max_time_s reached")
+                break
+        val = self.evaluate()
+        self.metrics.log({"step": self.step, "val_loss": val})
+        self.metrics.write(
+            f"done: {self.step} steps in {time.perf_counter() - start:.1f}s, val_loss {val:.4f}"
+        )
+        return {**last, "val_loss": val}
+
+    def close(self) -> None:
+        self.metrics.close()
+        if self.is_rank0 and self.job.logging.plot and self.metrics.path.exists():
+            plot_loss(self.metrics.path, self.run_dir / "loss.png")
+        if dist.is_initialized():
+            dist.destroy_process_group()
