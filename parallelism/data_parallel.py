@@ -20,8 +20,10 @@ from parallelism.dims import ParallelDims
 def fsdp_mesh(dims: ParallelDims) -> Any:
     """The mesh FSDP2 shards over: (dp_replicate, dp_shard_sp) for HSDP, else dp_shard_sp."""
     if dims.dp_replicate > 1:
+        if dims.sp == 1:
+            return dims.mesh["dp_replicate", "dp_shard"]
         return dims.mesh["dp_replicate", "dp_shard_sp"]
-    return dims.mesh["dp_shard_sp"]
+    return dims.submesh("dp_shard_sp")
 
 
 def apply_fsdp(model: nn.Module, dims: ParallelDims, reshard_after_forward: bool = True) -> None:
@@ -47,7 +49,7 @@ def apply_ddp(model: nn.Module, dims: ParallelDims) -> nn.Module:
     """Replicate the (materialised) model over ``dp_replicate`` with DDP's bucketed all-reduce."""
     from torch.distributed._composable.replicate import replicate
 
-    return replicate(model, device_mesh=dims.mesh["dp_replicate"], bucket_cap_mb=100)
+    return replicate(model, device_mesh=dims.submesh("dp_replicate"), bucket_cap_mb=100)
 
 
 def needs_fsdp(dims: ParallelDims) -> bool:

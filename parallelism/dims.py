@@ -69,10 +69,10 @@ class ParallelDims:
                 raise LayoutError(f"parallel.{name}={getattr(self, name)} must be >= 1 or -1")
         product = self.pp * self.dp_replicate * self.dp_shard * self.sp * self.tp
         if product != self.world_size:
+            terms = " x ".join(f"parallel.{n}={getattr(self, n)}" for n in MESH_ORDER)
             raise LayoutError(
-                f"parallel degrees pp*dp_replicate*dp_shard*sp*tp = {self.pp}*{self.dp_replicate}"
-                f"*{self.dp_shard}*{self.sp}*{self.tp} = {product} != world size "
-                f"{self.world_size}: change the degrees or --nproc_per_node"
+                f"{terms} = {product} != world size {self.world_size}: change the degrees "
+                "(or set one of dp_shard/dp_replicate to -1) or the number of processes"
             )
         if self.ep > 1 and (self.dp_shard * self.sp) % self.ep:
             raise LayoutError(
@@ -112,11 +112,20 @@ class ParallelDims:
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(device_type, self.mesh_shape, mesh_dim_names=MESH_ORDER)
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        mesh["dp_shard", "sp"]._flatten("dp_shard_sp")
-        mesh["dp_replicate", "dp_shard", "sp"]._flatten("dp_sp")
+        # Keep the flattened meshes ourselves (slicing them from the root is deprecated).
+        self._flat = {
+            "dp": mesh["dp_replicate", "dp_shard"]._flatten("dp"),
+            "dp_shard_sp": mesh["dp_shard", "sp"]._flatten("dp_shard_sp"),
+            "dp_sp": mesh["dp_replicate", "dp_shard", "sp"]._flatten("dp_sp"),
+        }
         self._mesh = mesh
         return mesh
+
+    def submesh(self, name: str) -> Any:
+        """A 1-D mesh by name: a mesh dimension or one of the flattened ``dp``, ``dp_shard_sp``,
+        ``dp_sp``."""
+        flat = getattr(self, "_flat", {})
+        return flat[name] if name in flat else self.mesh[name]
 
     @property
     def mesh(self) -> Any:

@@ -32,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(job, cfg, plan)
         trainer.fit()
     except (ConfigError, LayoutError, DataError) as exc:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {exc}", file=sys.stderr)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        prefix = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
+        print(f"{prefix}error: {exc}", file=sys.stderr)
         return 2
     finally:
         if trainer is not None:

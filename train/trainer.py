@@ -130,7 +130,7 @@ class Trainer:
             lr_lambda(job.train.warmup_steps, job.train.steps, job.optim.min_lr_ratio),
         )
         self.train_loader, self.val_loader = self._build_loaders()
-        self.loss_group = self.dims.mesh["dp_sp"].get_group() if self.distributed else None
+        self.loss_group = self.dims.submesh("dp_sp").get_group() if self.distributed else None
         self.metrics = MetricsLogger(
             self.run_dir,
             self.is_rank0,
@@ -264,4 +264,6 @@ class Trainer:
         if self.is_rank0 and self.job.logging.plot and self.metrics.path.exists():
             plot_loss(self.metrics.path, self.run_dir / "loss.png")
         if dist.is_initialized():
+            # Leave together: a rank that exits while a peer still talks to it aborts the peer.
+            dist.barrier()
             dist.destroy_process_group()

@@ -11,7 +11,9 @@ rank's return value. Any rank that raises, dies or overruns fails the test with 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -39,6 +41,7 @@ def _child(
     timeout_s: float,
     queue: Any,
     init_pg: bool,
+    result_dir: str,
 ) -> None:
     os.environ.update(
         RANK=str(rank),
@@ -57,7 +60,10 @@ def _child(
                 "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
             )
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # Tensors go through a file: a queue would hand over shared memory that dies with us.
+        path = os.path.join(result_dir, f"rank{rank}.pt")
+        torch.save(result, path)
+        queue.put((rank, "ok", path))
     except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -86,13 +92,14 @@ def run_on_ranks(
         The per-rank return values, indexed by rank.
     """
     ctx = mp.get_context("spawn")
+    result_dir = tempfile.mkdtemp(prefix="harness-")
     queue = ctx.Queue()
     port = free_port()
     lws = local_world_size or world_size
     procs = [
         ctx.Process(
             target=_child,
-            args=(r, world_size, port, lws, fn, args, timeout_s, queue, init_pg),
+            args=(r, world_size, port, lws, fn, args, timeout_s, queue, init_pg, result_dir),
             daemon=False,
         )
         for r in range(world_size)
@@ -105,7 +112,7 @@ def run_on_ranks(
         for _ in range(world_size):
             rank, status, payload = queue.get(timeout=2 * timeout_s + 60)
             if status == "ok":
-                results[rank] = payload
+                results[rank] = torch.load(payload, weights_only=False)
             else:
                 errors.append(f"--- rank {rank} ---\n{payload}")
                 break
@@ -117,6 +124,7 @@ def run_on_ranks(
             if p.is_alive():
                 p.kill()
                 p.join()
+        shutil.rmtree(result_dir, ignore_errors=True)
     if errors:
         raise AssertionError("distributed run failed:\n" + "\n".join(errors))
     codes = [p.exitcode for p in procs]

@@ -1,0 +1,67 @@
+"""Run the real Trainer in-process (one rank of a harness run, or a single process) and return
+what equality tests compare: per-step losses and the full (unsharded) weights by canonical name."""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from parallelism.init import canonical_name
+
+TINY = [
+    "model.dim=32",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+    "train.seq_len=16",
+    "train.warmup_steps=2",
+    "train.eval_every=0",
+    "train.eval_batches=1",
+    "data.max_bytes=400000",
+    "logging.every=1",
+    "logging.progress=false",
+    "logging.plot=false",
+]
+
+
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded parameters by canonical name (collective for DTensors: call on every rank)."""
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.detach()
+        out[canonical_name(name)] = (t.full_tensor() if isinstance(t, DTensor) else t).clone()
+    return out
+
+
+def run_trainer(overrides: list[str]) -> dict:
+    """Train with TINY + ``overrides``; returns {"losses": [...], "weights": {...}, "val_loss"}."""
+    from train.cli import load_config
+    from train.metrics import read_metrics
+    from train.trainer import Trainer, plan_run
+
+    job, cfg = load_config(TINY + overrides)
+    trainer = Trainer(job, cfg, plan_run(job))
+    try:
+        last = trainer.fit()
+        weights = full_state(trainer.model)
+        losses = []
+        if trainer.is_rank0:
+            losses = [r["loss"] for r in read_metrics(trainer.metrics.path) if "loss" in r]
+        return {"losses": losses, "weights": weights, "val_loss": last["val_loss"]}
+    finally:
+        trainer.metrics.close()
+
+
+def assert_close_runs(
+    ref: dict, got: dict, loss_rtol: float = 1e-5, weight_rtol: float = 1e-4
+) -> None:
+    """Per-step losses and every final weight of ``got`` equal ``ref``."""
+    assert len(ref["losses"]) == len(got["losses"]) > 0
+    torch.testing.assert_close(
+        torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=loss_rtol, atol=0.0
+    )
+    assert ref["weights"].keys() == got["weights"].keys()
+    for k, w in ref["weights"].items():
+        torch.testing.assert_close(got["weights"][k], w, rtol=weight_rtol, atol=1e-6, msg=k)
