@@ -79,5 +79,5 @@ def test_missing_data_path_is_a_clear_error(tmp_path: Path) -> None:
     class D:
         name, path = "shards", str(tmp_path / "nope")
 
-    with pytest.raises(DataError, match="data.path"):
+    with pytest.raises(DataError, match=r"data\.path"):
         resolve_data_dir(D())
