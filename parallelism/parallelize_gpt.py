@@ -2,7 +2,8 @@
 
 Order (torchtitan's, for the same reasons):
 1. tensor parallelism first: it rewrites the parameters into DTensors on the ``tp`` mesh that
-   the later steps must see;
+   the later steps must see; Ulysses sequence parallelism next (it wraps attention's core, which
+   then sees the tp-local heads and splits them further by sp);
 2. activation checkpointing: wraps whole (already tensor-parallel) blocks;
 3. ``torch.compile`` per block: compiles the wrapped block, collectives included;
 4. data parallelism last: FSDP2 shards whatever parameters the earlier steps produced (2-D with
@@ -17,6 +18,7 @@ from torch import nn
 
 from parallelism.data_parallel import apply_ddp, apply_fsdp, needs_ddp, needs_fsdp
 from parallelism.dims import ParallelDims
+from parallelism.ulysses import apply_ulysses
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -36,8 +38,10 @@ def apply_compile(model: nn.Module) -> None:
 
 
 def parallelize_gpt(model: nn.Module, dims: ParallelDims, job: object) -> nn.Module:
-    """Apply TP -> activation checkpointing -> compile -> FSDP to a meta-device GPT."""
+    """Apply TP -> Ulysses SP -> activation checkpointing -> compile -> FSDP to a meta GPT."""
     train = job.train
+    if dims.sp > 1:
+        apply_ulysses(model, dims.submesh("sp").get_group())
     if train.activation_checkpoint:
         apply_activation_checkpointing(model)
     if train.compile:

@@ -23,7 +23,8 @@ class MetricsLogger:
     ) -> None:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
-        self._file = open(self.path, "a") if enabled else None  # noqa: SIM115
+        # A fresh run starts a fresh file; a resumed run appends to its history.
+        self._file = open(self.path, "a" if append else "w") if enabled else None  # noqa: SIM115
         self._bar = None
         self._wandb = None
         if enabled and progress:

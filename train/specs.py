@@ -59,6 +59,9 @@ def validate_gpt(job: object, dims: ParallelDims) -> None:
         raise LayoutError(
             f"train.seq_len={job.train.seq_len} exceeds model.max_seq_len={m.max_seq_len}"
         )
+    from parallelism.ulysses import validate_ulysses
+
+    validate_ulysses(m.n_heads, n_kv, dims.tp, dims.sp, job.train.seq_len)
     for name in ("tp", "pp", "sp", "ep"):
         if getattr(dims, name) > 1 and name not in SUPPORTED_MODEL_PARALLEL:
             raise LayoutError(
@@ -66,7 +69,7 @@ def validate_gpt(job: object, dims: ParallelDims) -> None:
             )
 
 
-SUPPORTED_MODEL_PARALLEL: set[str] = set()
+SUPPORTED_MODEL_PARALLEL: set[str] = {"sp"}
 
 
 def _gpt_spec() -> ModelSpec:

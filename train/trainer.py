@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from parallelism.dims import LayoutError, ParallelDims, dims_from_config
+from parallelism.ulysses import sequence_slice
 from parallelism.utils import all_reduce_mean, clip_grad_norm_
 from train.config import JobConfig
 from train.data import TokenLoader, TokenShards, resolve_data_dir
@@ -130,6 +131,8 @@ class Trainer:
             lr_lambda(job.train.warmup_steps, job.train.steps, job.optim.min_lr_ratio),
         )
         self.train_loader, self.val_loader = self._build_loaders()
+        sp_rank = self.dims.coordinate(plan.rank)["sp"]
+        self.seq_slice = sequence_slice(job.train.seq_len, sp_rank, self.dims.sp)
         self.loss_group = self.dims.submesh("dp_sp").get_group() if self.distributed else None
         self.metrics = MetricsLogger(
             self.run_dir,
@@ -175,6 +178,16 @@ class Trainer:
         return mk("train", True), mk("val", False)
 
     # -- one step -----------------------------------------------------------------------------
+    def _local_tokens(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
+        """This rank's part of a micro-batch: its sequence slice under Ulysses (sp > 1), with
+        the global positions of those tokens."""
+        sl = self.seq_slice
+        x, y = (
+            x[:, sl].to(self.device, non_blocking=True),
+            y[:, sl].to(self.device, non_blocking=True),
+        )
+        return x, y, torch.arange(sl.start, sl.stop, device=self.device)
+
     def _autocast(self):
         if self.job.train.dtype == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -185,9 +198,9 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         n = len(micro_batches)
         for x, y in micro_batches:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y, pos = self._local_tokens(x, y)
             with self._autocast():
-                loss = self.plan.spec.loss(self.model(x), y, self.job) / n
+                loss = self.plan.spec.loss(self.model(x, pos), y, self.job) / n
             loss.backward()
             total += loss.detach()
         return total
@@ -208,9 +221,10 @@ class Trainer:
         losses = []
         for _ in range(self.job.train.eval_batches):
             for x, y in self.val_loader.next_batch():
+                x, y, pos = self._local_tokens(x, y)
                 with self._autocast():
-                    out = self.model(x.to(self.device))
-                losses.append(self.plan.spec.loss(out, y.to(self.device), self.job).item())
+                    out = self.model(x, pos)
+                losses.append(self.plan.spec.loss(out, y, self.job).item())
         self.model.train()
         return all_reduce_mean(sum(losses) / len(losses), self.loss_group)
 

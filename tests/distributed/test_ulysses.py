@@ -1,0 +1,72 @@
+"""Ulysses sequence parallelism equals the single-process run; all-to-all layout round trips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.distributed.harness import run_on_ranks
+from tests.trainer_utils import assert_close_runs, run_trainer
+
+pytestmark = pytest.mark.distributed
+
+STEPS = ["train.steps=5", "train.seed=0", "train.seq_len=32"]
+
+
+def _trainer_rank(rank: int, world: int, overrides: list[str]) -> dict:
+    return run_trainer(overrides)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_data: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return {
+        kv: run_trainer(
+            [
+                *STEPS,
+                f"model.n_kv_heads={kv}",
+                f"data.path={tiny_data}",
+                f"run.dir={tmp_path_factory.mktemp('ref')}",
+            ]
+        )
+        for kv in (2, 1)
+    }
+
+
+@pytest.mark.parametrize(
+    "world,layout,kv",
+    [
+        (2, ["parallel.sp=2", "parallel.dp_shard=1"], 2),
+        (4, ["parallel.sp=4", "parallel.dp_shard=1"], 2),  # GQA: 2 kv heads < sp=4 -> replicated
+        (4, ["parallel.sp=4", "parallel.dp_shard=1"], 1),  # MQA: 1 kv head
+        (4, ["parallel.sp=2", "parallel.dp_shard=2"], 2),
+    ],
+    ids=["sp2", "sp4-gqa", "sp4-mqa", "sp2-dpshard2"],
+)
+def test_ulysses_equals_single_process(world, layout, kv, reference, tiny_data, tmp_path) -> None:
+    overrides = [
+        *STEPS,
+        *layout,
+        f"model.n_kv_heads={kv}",
+        f"data.path={tiny_data}",
+        f"run.dir={tmp_path}",
+    ]
+    results = run_on_ranks(_trainer_rank, world, overrides, timeout_s=120)
+    assert_close_runs(reference[kv], results[0])
+
+
+def _roundtrip(rank: int, world: int) -> None:
+    from parallelism.ulysses import head_to_seq, seq_to_head
+
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(2, 8 * world, 4 * world, 3, generator=g)  # (B, S, H, D) on every rank
+    s = full.shape[1] // world
+    mine = full[:, rank * s : (rank + 1) * s]
+    heads = seq_to_head(mine, dist.group.WORLD)
+    h = full.shape[2] // world
+    torch.testing.assert_close(heads, full[:, :, rank * h : (rank + 1) * h], rtol=0, atol=0)
+    torch.testing.assert_close(head_to_seq(heads, dist.group.WORLD), mine, rtol=0, atol=0)
+
+
+def test_all_to_all_swaps_sequence_and_head_sharding() -> None:
+    run_on_ranks(_roundtrip, 4, timeout_s=60)
