@@ -20,6 +20,7 @@ class MetricsLogger:
         progress: bool = True,
         wandb_project: str | None = None,
         config: dict | None = None,
+        append: bool = False,
     ) -> None:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
