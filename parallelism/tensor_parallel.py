@@ -61,10 +61,11 @@ def validate_tensor_parallel(job: Any, tp: int) -> None:
                 f"model.{name}={value} is not divisible by parallel.tp={tp}: tensor parallelism "
                 f"splits whole heads; choose parallel.tp dividing {value}"
             )
-    if m.ffn_hidden and m.ffn_hidden % tp:
+    ffn = m.ffn_hidden or m.multiple_of * -(-int(8 * m.dim / 3) // m.multiple_of)
+    if ffn % tp:
         raise LayoutError(
-            f"model.ffn_hidden={m.ffn_hidden} is not divisible by parallel.tp={tp}: choose a "
-            "multiple of tp (or 0 for the derived size)"
+            f"model.ffn_hidden={ffn} (SwiGLU hidden size) is not divisible by parallel.tp={tp}: "
+            "set model.ffn_hidden (or model.multiple_of) to a multiple of tp"
         )
     if job.parallel.sequence_parallel_norms and t.seq_len % tp:
         raise LayoutError(
@@ -106,24 +107,21 @@ def _block_plan(sp: bool) -> dict[str, Any]:
         "feed_forward.w3": ColwiseParallel(),
         "feed_forward.w2": RowwiseParallel(output_layouts=seq),
     }
+    # One input preparation per block half: the column-parallel projections then receive a
+    # replicated DTensor, so their input gradients add up as one Partial and are reduced once
+    # (Megatron's single "f" all-reduce, or one reduce-scatter with SP) instead of once per
+    # projection (3x for q/k/v, 2x for gate/up) as separate ColwiseParallel inputs would be.
+    plan["attention"] = PrepareModuleInput(
+        input_layouts=(seq, None, None),
+        desired_input_layouts=(Replicate(), None, None),
+        use_local_output=False,
+    )
+    plan["feed_forward"] = PrepareModuleInput(
+        input_layouts=(seq,), desired_input_layouts=(Replicate(),), use_local_output=False
+    )
     if sp:
-        plan.update(
-            {
-                "attention_norm": SequenceParallel(),
-                "ffn_norm": SequenceParallel(),
-                # all-gather the sequence once before the column-parallel projections
-                "attention": PrepareModuleInput(
-                    input_layouts=(Shard(1), None, None),
-                    desired_input_layouts=(Replicate(), None, None),
-                    use_local_output=True,
-                ),
-                "feed_forward": PrepareModuleInput(
-                    input_layouts=(Shard(1),),
-                    desired_input_layouts=(Replicate(),),
-                    use_local_output=True,
-                ),
-            }
-        )
+        plan["attention_norm"] = SequenceParallel()
+        plan["ffn_norm"] = SequenceParallel()
     return plan
 
 

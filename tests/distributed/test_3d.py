@@ -114,7 +114,9 @@ def _ranks_fn(rank: int, world: int, layouts: list, base: list[str], tmp: str) -
 def reference(tmp_path_factory) -> tuple[list[str], str, tuple]:
     tmp = tmp_path_factory.mktemp("p3d")
     base = base_overrides(str(tmp / "data"))
-    ref = train_and_gather([*base, "parallel.dp_shard=1", "train.micro_batch_size=2"], str(tmp / "ref"))
+    ref = train_and_gather(
+        [*base, "parallel.dp_shard=1", "train.micro_batch_size=2"], str(tmp / "ref")
+    )
     return base, str(tmp), ref
 
 
