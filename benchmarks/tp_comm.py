@@ -1,7 +1,7 @@
 """Tensor-parallel communication per transformer block, counted at the collectives, vs Megatron.
 
-Patches the functional collectives DTensor uses (``all_reduce``, ``all_gather_tensor``,
-``reduce_scatter_tensor``) to count each call's logical tensor bytes, runs forward + backward of
+Patches the functional collectives DTensor's placements call (``all_reduce``,
+``all_gather_single``, ``reduce_scatter_single``) to count each call's logical tensor bytes, runs forward + backward of
 one tensor-parallel block (``parallelism.tensor_parallel``'s plan), and compares with the analytic
 Megatron count (Korthikanti et al. 2022, Table 2): per block 4 all-reduces of B*S*E activations
 (2 forward, 2 backward) without sequence parallelism, or 4 all-gathers + 4 reduce-scatters of
@@ -43,9 +43,8 @@ def _count_block(rank: int, world: int, sp: bool) -> dict:
     from parallelism.tensor_parallel import _block_plan
 
     counts: dict[str, int] = {"all_reduce": 0, "all_gather": 0, "reduce_scatter": 0, "calls": 0}
-    orig = {
-        n: getattr(funcol, n) for n in ("all_reduce", "all_gather_tensor", "reduce_scatter_tensor")
-    }
+    names = ("all_reduce", "all_gather_single", "reduce_scatter_single")
+    orig = {n: getattr(funcol, n) for n in names if hasattr(funcol, n)}
 
     def wrap(name, key, scale):
         def fn(t, *a, **k):
@@ -57,8 +56,8 @@ def _count_block(rank: int, world: int, sp: bool) -> dict:
 
     one = lambda k, a: 1  # noqa: E731
     funcol.all_reduce = wrap("all_reduce", "all_reduce", one)
-    funcol.all_gather_tensor = wrap("all_gather_tensor", "all_gather", lambda k, a: world)
-    funcol.reduce_scatter_tensor = wrap("reduce_scatter_tensor", "reduce_scatter", one)
+    funcol.all_gather_single = wrap("all_gather_single", "all_gather", lambda k, a: world)
+    funcol.reduce_scatter_single = wrap("reduce_scatter_single", "reduce_scatter", one)
     try:
         mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
         cfg = GPTConfig(dim=E, n_layers=1, n_heads=HEADS, ffn_hidden=FFN)

@@ -94,7 +94,7 @@ def test_good_3d_layout_plans(monkeypatch) -> None:
 
 
 def test_tp_across_hosts_is_rejected() -> None:
-    with pytest.raises(LayoutError, match="parallel.tp=4 does not divide the ranks per host"):
+    with pytest.raises(LayoutError, match=r"parallel\.tp=4 does not divide the ranks per host"):
         ParallelDims(world_size=8, tp=4, dp_shard=-1, local_world_size=2)
     ParallelDims(world_size=8, tp=4, local_world_size=2, allow_cross_host_tp=True)
     ParallelDims(world_size=8, tp=2, local_world_size=2)
