@@ -190,6 +190,9 @@ class GPT(nn.Module):
     """
 
     block_cls = Block
+    position_offset = 0
+    """Global position of this module's first token when ``forward`` gets no ``positions`` (set
+    on pipeline stages of a sequence-parallel layout, whose inputs carry no positions)."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -212,7 +215,8 @@ class GPT(nn.Module):
         """
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
         if positions is None:
-            positions = torch.arange(h.shape[1], device=h.device)
+            start = self.position_offset
+            positions = torch.arange(start, start + h.shape[1], device=h.device)
         cos_SD, sin_SD = rope_tables(self.cfg.head_dim, positions, self.cfg.rope_theta)
         for layer in self.layers.values():
             h = layer(h, cos_SD, sin_SD)

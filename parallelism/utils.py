@@ -24,20 +24,28 @@ def clip_grad_norm_(
         The total norm before clipping, a 0-d fp32 tensor.
     """
     grads = [p.grad for p in params if p.grad is not None]
-    if grads:
-        norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
-        total = torch.linalg.vector_norm(norms)
-        if isinstance(total, DTensor):
-            total = total.full_tensor()
-    else:
-        total = torch.zeros(())
+    # Group by (mesh, placements): with TP + FSDP some gradients live on the 2-D (dp, tp) mesh and
+    # others (replicated norms) on the dp mesh only; DTensor ops cannot mix them.
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for g in grads:
+        key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else ("local",)
+        groups.setdefault(key, []).append(g)
+    sq = torch.zeros((), dtype=torch.float32)
+    for group in groups.values():
+        norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in group])
+        norm = torch.linalg.vector_norm(norms)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        sq = sq + norm.cpu() ** 2
+    total = sq.sqrt()
     if pp_group is not None:
-        sq = total**2
+        sq = (total**2).to(grads[0].device if grads else "cpu")
         dist.all_reduce(sq, group=pp_group)
-        total = sq.sqrt()
+        total = sq.sqrt().cpu()
     if max_norm > 0 and math.isfinite(total.item()):
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        torch._foreach_mul_(grads, coef.to(grads[0].device) if grads else coef)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0).item()
+        for group in groups.values():
+            torch._foreach_mul_(group, coef)
     return total
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from parallelism.dims import LayoutError, ParallelDims
 
@@ -44,6 +45,10 @@ class ModelSpec:
 
 def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor, job: object) -> torch.Tensor:
     """Mean next-token cross-entropy in fp32; vocabulary padding never enters the softmax."""
+    if isinstance(logits_BSV, DTensor):  # vocab-parallel logits (tensor parallelism)
+        from parallelism.tensor_parallel import vocab_parallel_cross_entropy
+
+        return vocab_parallel_cross_entropy(logits_BSV, targets_BS, job.model.vocab_size)
     logits = logits_BSV[..., : job.model.vocab_size]
     return F.cross_entropy(logits.flatten(0, 1).float(), targets_BS.flatten())
 
@@ -67,9 +72,14 @@ def validate_gpt(job: object, dims: ParallelDims) -> None:
             raise LayoutError(
                 f"parallel.{name}={getattr(dims, name)} is not supported yet for model.name=gpt"
             )
+    from parallelism.pipeline import validate_pipeline
+    from parallelism.tensor_parallel import validate_tensor_parallel
+
+    validate_tensor_parallel(job, dims.tp)
+    validate_pipeline(job, dims)
 
 
-SUPPORTED_MODEL_PARALLEL: set[str] = {"sp"}
+SUPPORTED_MODEL_PARALLEL: set[str] = {"tp", "pp", "sp"}
 
 
 def _gpt_spec() -> ModelSpec:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -133,6 +133,12 @@ class Trainer:
         self.train_loader, self.val_loader = self._build_loaders()
         sp_rank = self.dims.coordinate(plan.rank)["sp"]
         self.seq_slice = sequence_slice(job.train.seq_len, sp_rank, self.dims.sp)
+        self.pipeline = None  # parallelism.pipeline.PipelineRunner when parallel.pp > 1
+        if self.dims.pp > 1:
+            from parallelism.pipeline import PipelineRunner
+
+            loss_fn = lambda out, y: plan.spec.loss(out, y, job)  # noqa: E731
+            self.pipeline = PipelineRunner(self.model, self.dims, job, loss_fn, self.device)
         self.loss_group = self.dims.submesh("dp_sp").get_group() if self.distributed else None
         self.metrics = MetricsLogger(
             self.run_dir,
@@ -141,6 +147,7 @@ class Trainer:
             job.logging.progress,
             job.logging.wandb_project if job.logging.wandb else None,
             OmegaConf.to_container(cfg) if job.logging.wandb else None,
+            append=bool(job.checkpoint.resume),
         )
 
     # -- set-up -------------------------------------------------------------------------------
@@ -189,12 +196,19 @@ class Trainer:
         return x, y, torch.arange(sl.start, sl.stop, device=self.device)
 
     def _autocast(self):
+        from parallelism.tensor_parallel import tp_loss_context
+
+        stack = ExitStack()
         if self.job.train.dtype == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
+            stack.enter_context(torch.autocast(self.device.type, dtype=torch.bfloat16))
+        stack.enter_context(tp_loss_context(self.dims.tp))  # vocab-parallel loss: fwd and bwd
+        return stack
 
     def forward_backward(self, micro_batches: list) -> torch.Tensor:
         """Accumulate gradients over this rank's micro-batches; returns the mean loss."""
+        if self.pipeline is not None:
+            with self._autocast():
+                return self.pipeline.forward_backward(micro_batches)
         total = torch.zeros((), device=self.device)
         n = len(micro_batches)
         for x, y in micro_batches:
@@ -208,7 +222,8 @@ class Trainer:
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.forward_backward(self.train_loader.next_batch())
-        grad_norm = clip_grad_norm_(self.model.parameters(), self.job.optim.grad_clip)
+        pp_group = self.pipeline.pp_group if self.pipeline is not None else None
+        grad_norm = clip_grad_norm_(self.model.parameters(), self.job.optim.grad_clip, pp_group)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -220,6 +235,10 @@ class Trainer:
         self.val_loader.load_state_dict({"consumed_samples": 0})
         losses = []
         for _ in range(self.job.train.eval_batches):
+            if self.pipeline is not None:
+                with self._autocast():
+                    losses.append(self.pipeline.evaluate(self.val_loader.next_batch()))
+                continue
             for x, y in self.val_loader.next_batch():
                 x, y, pos = self._local_tokens(x, y)
                 with self._autocast():

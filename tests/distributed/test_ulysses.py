@@ -70,3 +70,50 @@ def _roundtrip(rank: int, world: int) -> None:
 
 def test_all_to_all_swaps_sequence_and_head_sharding() -> None:
     run_on_ranks(_roundtrip, 4, timeout_s=60)
+
+
+# -- composition with tensor, pipeline and data parallelism ---------------------------------------
+def _composed_rank(rank: int, world: int, overrides: list[str], run_dir: str) -> tuple:
+    from tests.distributed.test_3d import train_and_gather
+
+    return train_and_gather(overrides, run_dir)
+
+
+@pytest.fixture(scope="module")
+def composed_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    from tests.distributed.test_3d import base_overrides, train_and_gather
+
+    tmp = tmp_path_factory.mktemp("uly3d")
+    base = base_overrides(str(tmp / "data"))
+    ref = train_and_gather(
+        [*base, "parallel.dp_shard=1", "train.micro_batch_size=2"], str(tmp / "ref")
+    )
+    return base, str(tmp), ref
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "world,layout",
+    [
+        (4, ["parallel.sp=2", "parallel.tp=2", "parallel.dp_shard=1", "train.micro_batch_size=2"]),
+        (
+            8,
+            [
+                "parallel.sp=2",
+                "parallel.dp_shard=2",
+                "parallel.pp=2",
+                "parallel.pp_schedule=1f1b",
+                "train.micro_batch_size=2",
+            ],
+        ),
+    ],
+    ids=["sp2-tp2", "sp2-dpshard2-pp2"],
+)
+def test_ulysses_composes_with_tp_pp_dp(world, layout, composed_reference) -> None:
+    from tests.distributed.test_3d import _check
+
+    base, tmp, ref = composed_reference
+    per_rank = run_on_ranks(
+        _composed_rank, world, [*base, *layout], f"{tmp}/run{world}", timeout_s=120
+    )
+    _check(tuple(layout), per_rank, ref)

@@ -1,0 +1,215 @@
+"""Pipeline parallelism for the plain GPT on ``torch.distributed.pipelining``.
+
+Owns: splitting the model into ``pp x pp_virtual`` stages that keep the original parameter names
+(torchtitan's ``pipeline_llama_manual_split``: delete the blocks a stage does not own from the
+``layers`` ModuleDict, set ``tok_embeddings``/``norm``/``output`` to ``None`` where not owned),
+the stage -> rank assignment (Megatron's interleaved "looped" placement: rank r holds stages
+r, r+pp, r+2pp, ...; Narayanan et al., 2021), building ``PipelineStage`` + ``ScheduleGPipe`` /
+``Schedule1F1B`` / ``ScheduleInterleaved1F1B``, and the checks that must pass before launch.
+
+Loss scaling is the trainer's: each micro-batch contributes ``mean_token_loss / n_micro`` and the
+schedule is built with ``scale_grads=False`` (torch's default divides again, the accumulation bug
+torchtitan users hit); data-parallel reduction then averages over ranks. The loss lives on the last
+stage only, so it is summed over the pp group (zeros elsewhere) for logging.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from parallelism.dims import LayoutError, ParallelDims
+from parallelism.ulysses import sequence_slice
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
+
+
+def num_microbatches(job: Any, dims: ParallelDims) -> int:
+    """Pipeline micro-batches per step: ``parallel.pp_microbatches`` or the trainer's count."""
+    t = job.train
+    per_rank = t.global_batch_size // max(1, dims.dp)
+    return job.parallel.pp_microbatches or max(1, per_rank // t.micro_batch_size)
+
+
+def validate_pipeline(job: Any, dims: ParallelDims) -> None:
+    """Reject pipeline layouts that cannot run (or would hang) before any process group exists."""
+    p, pp = job.parallel, dims.pp
+    if p.pp_schedule not in SCHEDULES:
+        raise LayoutError(f"parallel.pp_schedule={p.pp_schedule!r}: use one of {SCHEDULES}")
+    if p.pp_virtual < 1:
+        raise LayoutError(f"parallel.pp_virtual={p.pp_virtual} must be >= 1")
+    if pp == 1:
+        return
+    v = p.pp_virtual
+    if v > 1 and p.pp_schedule != "interleaved_1f1b":
+        raise LayoutError(
+            f"parallel.pp_virtual={v} needs parallel.pp_schedule=interleaved_1f1b "
+            f"(got {p.pp_schedule!r}); set pp_virtual=1 for gpipe/1f1b"
+        )
+    n_layers = job.model.n_layers
+    if n_layers % (pp * v):
+        raise LayoutError(
+            f"model.n_layers={n_layers} is not divisible by parallel.pp x parallel.pp_virtual = "
+            f"{pp} x {v} = {pp * v}: every stage must hold the same number of blocks"
+        )
+    per_rank = job.train.global_batch_size // max(1, dims.dp)
+    m = num_microbatches(job, dims)
+    if per_rank % m:
+        raise LayoutError(
+            f"parallel.pp_microbatches={m} does not divide the per-data-parallel-rank batch "
+            f"{per_rank} (train.global_batch_size / dp): uneven micro-batches hang the pipeline"
+        )
+    if m < pp:
+        raise LayoutError(
+            f"{m} pipeline micro-batches < parallel.pp={pp} stages: raise "
+            "train.global_batch_size or parallel.pp_microbatches, or lower "
+            "train.micro_batch_size (torch pipelining hangs otherwise)"
+        )
+    if p.pp_schedule == "interleaved_1f1b" and m % pp:
+        raise LayoutError(
+            f"parallel.pp_schedule=interleaved_1f1b needs micro-batches ({m}) to be a multiple "
+            f"of parallel.pp={pp}: adjust parallel.pp_microbatches or train.global_batch_size"
+        )
+    if job.model.tie_embeddings:
+        raise LayoutError(
+            "model.tie_embeddings=true is not supported with parallel.pp>1 (the first and last "
+            "stage would have to reduce the shared weight's gradient): set "
+            "model.tie_embeddings=false or parallel.pp=1"
+        )
+
+
+def stage_indices(pp_rank: int, pp: int, virtual: int) -> list[int]:
+    """Stages held by pipeline rank ``pp_rank`` (looped placement)."""
+    return [pp_rank + i * pp for i in range(virtual)]
+
+
+def split_stage(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
+    """A copy of the (meta-device) GPT that keeps only stage ``stage``'s blocks, same FQNs."""
+    part = copy.deepcopy(model)
+    keys = list(part.layers.keys())
+    per = len(keys) // n_stages
+    keep = set(keys[stage * per : (stage + 1) * per])
+    for k in keys:
+        if k not in keep:
+            del part.layers[k]
+    if stage != 0:
+        part.tok_embeddings = None
+    if stage != n_stages - 1:
+        part.norm = None
+        part.output = None
+    return part
+
+
+class PipelinedGPT(nn.Module):
+    """This rank's pipeline stages (model chunks), presented as one module.
+
+    ``named_parameters``/``state_dict`` use the plain model's FQNs (``layers.5.attention.wq.
+    weight``), so initialisation, optimizers and checkpoints see the same names as with pp=1.
+    """
+
+    def __init__(self, parts: list[nn.Module], stages: list[int], n_stages: int) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.stage_ids = stages
+        self.n_stages = n_stages
+
+    def init_tensor(self, name: str, shape: tuple[int, ...], gen: torch.Generator):
+        return self.parts[0].init_tensor(name, shape, gen)
+
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Parameter]]:
+        for part in self.parts:
+            yield from part.named_parameters(prefix, recurse, remove_duplicate)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for part in self.parts:
+            out.update(part.state_dict(*args, **kwargs))
+        return out
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a pipelined model runs through PipelineRunner, not model(x)")
+
+
+def split_model(model: nn.Module, dims: ParallelDims, virtual: int) -> PipelinedGPT:
+    """Split the meta-device model into this rank's stages."""
+    pp_rank = dims.coordinate(dist.get_rank())["pp"]
+    n_stages = dims.pp * virtual
+    ids = stage_indices(pp_rank, dims.pp, virtual)
+    return PipelinedGPT([split_stage(model, s, n_stages) for s in ids], ids, n_stages)
+
+
+class PipelineRunner:
+    """Runs one training or evaluation step of a ``PipelinedGPT`` through a torch schedule."""
+
+    def __init__(
+        self, model: PipelinedGPT, dims: ParallelDims, job: Any, loss_fn: Any, device: Any
+    ) -> None:
+        from torch.distributed.pipelining import (
+            PipelineStage,
+            Schedule1F1B,
+            ScheduleGPipe,
+            ScheduleInterleaved1F1B,
+        )
+
+        self.pp_group = dims.mesh["pp"].get_group()
+        self.n_micro = num_microbatches(job, dims)
+        self.stages = [
+            PipelineStage(part, s, model.n_stages, device, group=self.pp_group)
+            for part, s in zip(model.parts, model.stage_ids)
+        ]
+        self.has_first = any(s.is_first for s in self.stages)
+        self.has_last = any(s.is_last for s in self.stages)
+        n = self.n_micro
+
+        def micro_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return loss_fn(out, y) / n
+
+        kind = job.parallel.pp_schedule
+        if kind == "interleaved_1f1b":
+            self.schedule = ScheduleInterleaved1F1B(
+                self.stages, n, loss_fn=micro_loss, scale_grads=False
+            )
+        else:
+            cls = ScheduleGPipe if kind == "gpipe" else Schedule1F1B
+            self.schedule = cls(self.stages[0], n, loss_fn=micro_loss, scale_grads=False)
+        self.device = device
+        # Ulysses: every stage sees this sp rank's slice of each sequence, at its global positions.
+        sp_rank = dims.coordinate(dist.get_rank())["sp"]
+        self.seq_slice = sequence_slice(job.train.seq_len, sp_rank, dims.sp)
+        for part in model.parts:
+            part.position_offset = self.seq_slice.start
+
+    def _run(self, micro_batches: list, train: bool) -> torch.Tensor:
+        sl = self.seq_slice
+        x = torch.cat([b[0][:, sl] for b in micro_batches]).to(self.device)
+        y = torch.cat([b[1][:, sl] for b in micro_batches]).to(self.device)
+        losses: list[torch.Tensor] = []
+        args = (x,) if self.has_first else ()
+        target = y if self.has_last else None
+        run = self.schedule.step if train else self.schedule.eval
+        run(*args, target=target, losses=losses)
+        total = torch.zeros((), device=self.device)
+        for loss in losses:
+            total += loss.detach().float()
+        dist.all_reduce(total, group=self.pp_group)  # only the last stage has a loss
+        return total
+
+    def forward_backward(self, micro_batches: list) -> torch.Tensor:
+        """One step's forward and backward over this data-parallel rank's micro-batches.
+
+        Returns:
+            The mean loss over the micro-batches (0-d tensor, identical on all pp ranks).
+        """
+        return self._run(micro_batches, train=True)
+
+    @torch.no_grad()
+    def evaluate(self, micro_batches: list) -> float:
+        """Forward-only mean loss of one batch (identical on all pp ranks)."""
+        return self._run(micro_batches, train=False).item()
