@@ -360,9 +360,7 @@ class GPTMoE(GPT):
 
     def moe_layers(self) -> dict[str, MoE]:
         """Layer key -> its MoE module (whatever wrappers surround the blocks)."""
-        return {
-            k: m for k, b in self.layers.items() for m in b.modules() if isinstance(m, MoE)
-        }
+        return {k: m for k, b in self.layers.items() for m in b.modules() if isinstance(m, MoE)}
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         out = super().forward(x, positions)

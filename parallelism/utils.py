@@ -25,10 +25,17 @@ def clip_grad_norm_(
     """
     grads = [p.grad for p in params if p.grad is not None]
     if grads:
-        norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads])
-        total = torch.linalg.vector_norm(norms)
-        if isinstance(total, DTensor):
-            total = total.full_tensor()
+        # DTensors on different meshes (e.g. FSDP and expert-parallel) cannot be stacked
+        # together: reduce each mesh's norms separately, then combine the plain totals.
+        by_mesh: dict[object, list[torch.Tensor]] = {}
+        for g in grads:
+            key = g.device_mesh if isinstance(g, DTensor) else None
+            by_mesh.setdefault(key, []).append(torch.linalg.vector_norm(g, dtype=torch.float32))
+        totals = []
+        for norms in by_mesh.values():
+            t = torch.linalg.vector_norm(torch.stack(norms))
+            totals.append(t.full_tensor() if isinstance(t, DTensor) else t)
+        total = torch.linalg.vector_norm(torch.stack(totals))
     else:
         total = torch.zeros(())
     if pp_group is not None:
@@ -37,7 +44,11 @@ def clip_grad_norm_(
         total = sq.sqrt()
     if max_norm > 0 and math.isfinite(total.item()):
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        torch._foreach_mul_(grads, coef.to(grads[0].device) if grads else coef)
+        groups: dict[object, list[torch.Tensor]] = {}
+        for g in grads:  # one foreach call per mesh (DTensor ops cannot mix meshes)
+            groups.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
+        for gs in groups.values():
+            torch._foreach_mul_(gs, coef.to(gs[0].device))
     return total
 
 
