@@ -143,3 +143,20 @@ def test_balance_loss_uniform_is_one():
     # zero logits -> P_e = 1/E; ties -> topk picks experts 0,1 -> f = (1/2, 1/2, 0, 0)
     m(torch.randn(8, 16))
     assert m.aux_loss.item() == pytest.approx(4 * (0.5 * 0.25 + 0.5 * 0.25))
+
+
+def test_bad_moe_config_fails_before_any_process_group():
+    from parallelism.dims import LayoutError, ParallelDims
+    from train.config import JobConfig
+    from train.moe_spec import validate_gpt_moe
+
+    job = JobConfig()
+    job.model.name, job.model.n_experts = "gpt_moe", 6
+    with pytest.raises(LayoutError, match=r"model.n_experts=6 is not divisible by parallel.ep=4"):
+        validate_gpt_moe(job, ParallelDims(4, dp_shard=4, ep=4))
+    job.model.n_experts, job.model.top_k = 8, 3
+    with pytest.raises(LayoutError, match=r"model.top_k=3"):
+        validate_gpt_moe(job, ParallelDims(1))
+    job.model.top_k = 2
+    with pytest.raises(LayoutError, match=r"parallel.tp=2 is not supported yet"):
+        validate_gpt_moe(job, ParallelDims(4, dp_shard=2, tp=2, ep=2))
