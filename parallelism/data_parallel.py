@@ -26,8 +26,15 @@ def fsdp_mesh(dims: ParallelDims) -> Any:
     return dims.submesh("dp_shard_sp")
 
 
-def apply_fsdp(model: nn.Module, dims: ParallelDims, reshard_after_forward: bool = True) -> None:
-    """Shard parameters, gradients and optimizer state over the data-parallel ranks (FSDP2)."""
+def apply_fsdp(
+    model: nn.Module,
+    dims: ParallelDims,
+    reshard_after_forward: bool = True,
+    ignored_params: set[nn.Parameter] | None = None,
+) -> None:
+    """Shard parameters, gradients and optimizer state over the data-parallel ranks (FSDP2).
+
+    ``ignored_params`` (e.g. expert-parallel DTensors) are left to their own layout."""
     mesh = fsdp_mesh(dims)
     mp = MixedPrecisionPolicy()  # fp32 params and reductions; autocast handles compute dtype
     layers = getattr(model, "layers", None)
@@ -41,8 +48,15 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, reshard_after_forward: bool
                 mesh=mesh,
                 mp_policy=mp,
                 reshard_after_forward=reshard_after_forward and not last,
+                ignored_params=ignored_params,
             )
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(
+        model,
+        mesh=mesh,
+        mp_policy=mp,
+        reshard_after_forward=reshard_after_forward,
+        ignored_params=ignored_params,
+    )
 
 
 def apply_ddp(model: nn.Module, dims: ParallelDims) -> nn.Module:

@@ -32,7 +32,8 @@ class ModelArgs:
     """A model family and its size. Fields not used by a family are ignored by it."""
 
     name: str = "gpt"
-    """Model family: ``gpt`` (Llama-style decoder)."""
+    """Model family: ``gpt`` (Llama-style decoder) or ``gpt_moe`` (its mixture-of-experts
+    variant, GRIN-style)."""
     vocab_size: int = 256
     """Vocabulary size (256 for the byte-level corpus)."""
     dim: int = 128
@@ -57,6 +58,19 @@ class ModelArgs:
     """Share the token embedding and the output projection."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation of linear and embedding weights."""
+    n_experts: int = 8
+    """``gpt_moe``: experts per MoE layer."""
+    top_k: int = 2
+    """``gpt_moe``: experts per token (``sparsemixer`` needs 2)."""
+    router: str = "sparsemixer"
+    """``gpt_moe``: ``sparsemixer`` (GRIN SparseMixer-v2) or ``softmax`` (plain top-k)."""
+    jitter_eps: float = 0.01
+    """``gpt_moe``: SparseMixer-v2 jitter epsilon (experts further than 2*eps are masked)."""
+    aux_loss_coef: float = 0.01
+    """``gpt_moe``: weight of the global load-balancing loss (0 disables it)."""
+    moe_ffn_hidden: int = 0
+    """``gpt_moe``: hidden size of one expert; 0 means ffn_hidden // top_k (the dense model's
+    active FFN parameters)."""
 
 
 @dataclass

@@ -24,6 +24,8 @@ class ModelSpec:
     finalize: Callable[[nn.Module, ParallelDims], nn.Module]
     loss: Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
     validate: Callable[[object, ParallelDims], None]
+    metrics: Callable[[nn.Module], dict] | None = None
+    """Optional extra fields for each logged metrics record (e.g. MoE expert load)."""
 
     def build_and_parallelize(
         self, job: object, dims: ParallelDims, device: torch.device
@@ -91,7 +93,24 @@ def _gpt_spec() -> ModelSpec:
     )
 
 
-MODEL_SPECS: dict[str, Callable[[], ModelSpec]] = {"gpt": _gpt_spec}
+def _gpt_moe_spec() -> ModelSpec:
+    from models.moe import build_gpt_moe
+    from parallelism.parallelize_gpt import finalize_data_parallel
+    from parallelism.parallelize_gpt_moe import parallelize_gpt_moe
+    from train.moe_spec import moe_lm_loss, moe_metrics, validate_gpt_moe
+
+    return ModelSpec(
+        "gpt_moe",
+        build_gpt_moe,
+        parallelize_gpt_moe,
+        finalize_data_parallel,
+        moe_lm_loss,
+        validate_gpt_moe,
+        moe_metrics,
+    )
+
+
+MODEL_SPECS: dict[str, Callable[[], ModelSpec]] = {"gpt": _gpt_spec, "gpt_moe": _gpt_moe_spec}
 
 
 def get_model_spec(name: str) -> ModelSpec:

@@ -278,6 +278,8 @@ class Trainer:
                     "tokens_per_s": tokens_per_step / dt,
                     "step_time_s": dt,
                 }
+                if self.plan.spec.metrics is not None:
+                    last.update(self.plan.spec.metrics(self.model))
                 self.metrics.log(last)
                 self.metrics.progress(self.step, last["loss"], last["tokens_per_s"])
             if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:

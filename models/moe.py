@@ -1,0 +1,390 @@
+"""Mixture-of-experts feed-forward block, its routers, and the ``gpt_moe`` model.
+
+Follows GRIN-MoE (Liu et al., 2024, "GRIN: GRadient-INformed MoE", arXiv:2409.12136) and its
+released PhiMoE modeling code for the SparseMixer-v2 router, Switch Transformer / Mixtral for
+the load-balancing loss and plain top-k routing, and Megablocks / torchtitan for dropless
+dispatch (tokens sorted by expert, one grouped GEMM, no capacity factor, no padding).
+
+Owns, as plain modules without process groups:
+
+- ``sparsemixer_v2`` / ``topk_softmax``: the routers (fp32 math). SparseMixer-v2's backward is a
+  custom autograd function: for a pick ``i`` with masked softmax ``pi`` the logits receive
+  ``g * pi_i * (e_i - pi)``; the Heun factor (1, or 1 w.p. 0.25 / 1/3 w.p. 0.75 for a non-argmax
+  sample) scales the forward weight only.
+- ``GroupedExperts``: ``E`` SwiGLU experts stored as stacked tensors (E, D, H) / (E, H, D) and run
+  with ``torch._grouped_mm`` where the backend has it (CPU fp32 with 16-byte aligned rows, CUDA
+  bf16), else a loop over contiguous per-expert slices.
+- ``MoE``: route -> sort by expert -> experts -> weight -> scatter-add back. Two seams for
+  ``parallelism/expert_parallel.py``: ``dispatcher`` (replaces the local expert call by the
+  all-to-all exchange) and ``stats_reduce`` (all-reduces the balancing statistics over the
+  data/sequence-parallel group before the product, so the loss is the global-batch one).
+- ``GPTMoE``: the Llama-style GPT whose blocks use ``MoE`` as feed-forward. The summed balancing
+  loss of a training forward rides on the returned logits as ``logits.moe_aux_loss`` (a 0-d
+  tensor in the graph), so the model family's loss function can add it without the trainer
+  knowing about MoE.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.gpt import GPT, Block, GPTConfig
+
+ROUTERS = ("sparsemixer", "softmax")
+
+
+@dataclass
+class MoEConfig(GPTConfig):
+    """GPT hyper-parameters plus the MoE ones (see ``train.config.ModelArgs``)."""
+
+    n_experts: int = 8
+    top_k: int = 2
+    router: str = "sparsemixer"
+    jitter_eps: float = 0.01
+    aux_loss_coef: float = 0.01
+    moe_ffn_hidden: int = 0
+    """Hidden size of one expert; 0 means ffn_hidden // top_k (same active FFN parameters as
+    the dense model)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.moe_ffn_hidden <= 0:
+            self.moe_ffn_hidden = max(1, self.ffn_hidden // self.top_k)
+        if self.router not in ROUTERS:
+            raise ValueError(f"model.router={self.router!r}: choose one of {ROUTERS}")
+        if self.router == "sparsemixer" and self.top_k != 2:
+            raise ValueError(f"model.top_k={self.top_k}: the sparsemixer router is top-2 only")
+        if not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"model.top_k={self.top_k} must be in [1, n_experts={self.n_experts}]")
+
+
+# -- routers ----------------------------------------------------------------------------------
+class _SparseMixerWeight(torch.autograd.Function):
+    """Forward: ``factor * pi_i``. Backward: ``g * pi_i * (e_i - pi)`` into the logits (the
+    factor is not applied, as in GRIN's released code)."""
+
+    @staticmethod
+    def forward(ctx, scores_TE, pi_TE, pick_T1, factor_T1):  # type: ignore[override]
+        w_T1 = pi_TE.gather(-1, pick_T1)
+        ctx.save_for_backward(pi_TE, pick_T1, w_T1)
+        return w_T1 * factor_T1
+
+    @staticmethod
+    def backward(ctx, g_T1):  # type: ignore[override]
+        pi_TE, pick_T1, w_T1 = ctx.saved_tensors
+        e_i_TE = torch.zeros_like(pi_TE).scatter_(-1, pick_T1, 1.0)
+        return (g_T1 * w_T1) * (e_i_TE - pi_TE), None, None, None
+
+
+def _sparsemixer_slot(
+    scores_TE: torch.Tensor,
+    avail_TE: torch.Tensor,
+    eps: float,
+    training: bool,
+    u_TE: torch.Tensor | None,
+    u_T1: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SparseMixer-v2 slot over the experts still available. Returns (weight_T1, pick_T1)."""
+    with torch.no_grad():
+        avail_scores = scores_TE.masked_fill(~avail_TE, float("-inf"))
+        top_T1, argmax_T1 = avail_scores.max(dim=-1, keepdim=True)
+        denom = torch.maximum(scores_TE.abs(), top_T1).clamp_min(torch.finfo(torch.float32).tiny)
+        keep_TE = avail_TE & ((top_T1 - scores_TE) / denom <= 2 * eps)
+        masked_TE = scores_TE.masked_fill(~keep_TE, float("-inf"))
+        if training:
+            gumbel_TE = -torch.log(-torch.log(u_TE))
+            pick_T1 = (masked_TE + gumbel_TE).argmax(dim=-1, keepdim=True)
+            heun_T1 = torch.where(u_T1 < 0.25, 1.0, 1.0 / 3.0)
+            factor_T1 = torch.where(pick_T1 == argmax_T1, 1.0, heun_T1)
+        else:
+            pick_T1 = argmax_T1
+            factor_T1 = torch.ones_like(top_T1)
+        pi_TE = torch.softmax(masked_TE, dim=-1)
+    return _SparseMixerWeight.apply(scores_TE, pi_TE, pick_T1, factor_T1), pick_T1
+
+
+def sparsemixer_v2(
+    logits_TE: torch.Tensor,
+    jitter_eps: float = 0.01,
+    training: bool = True,
+    uniforms_T2X: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRIN's SparseMixer-v2 top-2 routing.
+
+    Per token and slot: experts whose relative gap to the current max,
+    ``(max - s_j) / max(|s_j|, max)``, exceeds ``2 * jitter_eps`` are masked; training picks by
+    Gumbel-max over the masked logits, eval takes the argmax; the weight is
+    ``softmax(masked)[pick]`` times the Heun factor (training, non-argmax picks: 1 w.p. 0.25,
+    1/3 w.p. 0.75; else 1). The first pick is removed before slot 2. No renormalisation.
+
+    Args:
+        logits_TE: (T, E) router logits (any dtype; the math runs in fp32).
+        jitter_eps: the GRIN jitter epsilon.
+        training: sample (True) or take the argmax (False).
+        uniforms_T2X: optional (T, 2, E + 1) uniforms in (0, 1) for training: per slot, E for
+            the Gumbel noise and 1 for the Heun coin. Default: ``torch.rand``.
+
+    Returns:
+        weights_T2 (fp32, differentiable w.r.t. the logits) and experts_T2 (int64).
+    """
+    scores_TE = logits_TE.float()
+    T, E = scores_TE.shape
+    if training and uniforms_T2X is None:
+        uniforms_T2X = torch.rand(T, 2, E + 1, device=scores_TE.device)
+    if training:
+        tiny = torch.finfo(torch.float32).tiny
+        uniforms_T2X = uniforms_T2X.float().clamp(tiny, 1.0 - 1e-7)
+    avail_TE = torch.ones_like(scores_TE, dtype=torch.bool)
+    weights, picks = [], []
+    for slot in range(2):
+        u_TE = uniforms_T2X[:, slot, :E] if training else None
+        u_T1 = uniforms_T2X[:, slot, E:] if training else None
+        w_T1, pick_T1 = _sparsemixer_slot(scores_TE, avail_TE, jitter_eps, training, u_TE, u_T1)
+        avail_TE = avail_TE.scatter(-1, pick_T1, False)
+        weights.append(w_T1)
+        picks.append(pick_T1)
+    return torch.cat(weights, dim=-1), torch.cat(picks, dim=-1)
+
+
+def topk_softmax(logits_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain top-k routing (Mixtral): softmax in fp32, top-k, weights renormalised to sum 1.
+
+    Returns:
+        weights_TK (fp32) and experts_TK (int64).
+    """
+    probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+    w_TK, idx_TK = probs_TE.topk(k, dim=-1)
+    return w_TK / w_TK.sum(dim=-1, keepdim=True), idx_TK
+
+
+# -- experts ----------------------------------------------------------------------------------
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (``_grouped_mm``'s CPU
+    backward rejects expanded gradients)."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return g.contiguous()
+
+
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cpu" and x.dtype != torch.float32:
+        return False
+    row = lambda t: t.shape[-1] * t.element_size()  # noqa: E731
+    return row(x) % 16 == 0 and row(w) % 16 == 0 and x.dtype == w.dtype
+
+
+def grouped_matmul(
+    x_ND: torch.Tensor, w_EDH: torch.Tensor, counts_E: torch.Tensor, use_grouped_mm: bool = True
+) -> torch.Tensor:
+    """Rows of ``x`` sorted by group times their group's matrix.
+
+    Args:
+        x_ND: (N, D) rows, the first counts[0] for group 0, then group 1, ...
+        w_EDH: (E, D, H) one matrix per group.
+        counts_E: (E,) rows per group (sum N); zero counts are fine.
+        use_grouped_mm: allow ``torch._grouped_mm``.
+
+    Returns:
+        (N, H).
+    """
+    if use_grouped_mm and _grouped_mm_ok(x_ND, w_EDH):
+        offs = torch.cumsum(counts_E, 0).to(torch.int32)
+        return _ContiguousGrad.apply(torch._grouped_mm(x_ND, w_EDH, offs=offs))
+    splits = counts_E.tolist()
+    outs = [xe @ w_EDH[e] for e, xe in enumerate(torch.split(x_ND, splits))]
+    return torch.cat(outs) if outs else x_ND.new_zeros(0, w_EDH.shape[-1])
+
+
+class GroupedExperts(nn.Module):
+    """``E`` SwiGLU experts as stacked weights: w1, w3 (E, D, H) and w2 (E, H, D)."""
+
+    def __init__(self, n_experts: int, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        self.w3 = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.use_grouped_mm = True
+
+    @staticmethod
+    def compute(
+        x_ND: torch.Tensor,
+        counts_E: torch.Tensor,
+        w1: torch.Tensor,
+        w2: torch.Tensor,
+        w3: torch.Tensor,
+        use_grouped_mm: bool = True,
+    ) -> torch.Tensor:
+        """SwiGLU of sorted rows with explicit (possibly local-shard) weights; (N, D) -> (N, D)."""
+        dt = x_ND.dtype
+        w1, w2, w3 = (w.to(dt) for w in (w1, w2, w3))
+        h = F.silu(grouped_matmul(x_ND, w1, counts_E, use_grouped_mm))
+        h = h * grouped_matmul(x_ND, w3, counts_E, use_grouped_mm)
+        return grouped_matmul(h, w2, counts_E, use_grouped_mm)
+
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        return self.compute(x_ND, counts_E, self.w1, self.w2, self.w3, self.use_grouped_mm)
+
+
+# -- the block --------------------------------------------------------------------------------
+Dispatcher = Callable[[torch.Tensor, torch.Tensor, GroupedExperts], torch.Tensor]
+
+
+class MoE(nn.Module):
+    """Dropless top-k mixture of SwiGLU experts.
+
+    Example::
+
+        moe = MoE(dim=64, hidden=128, n_experts=8, top_k=2, router="sparsemixer")
+        y_BSD = moe(x_BSD)          # moe.aux_loss holds the balancing loss (training only)
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        n_experts: int,
+        top_k: int = 2,
+        router: str = "sparsemixer",
+        jitter_eps: float = 0.01,
+    ) -> None:
+        super().__init__()
+        self.n_experts, self.top_k, self.router_kind, self.jitter_eps = (
+            n_experts,
+            top_k,
+            router,
+            jitter_eps,
+        )
+        self.router = nn.Linear(dim, n_experts, bias=False)
+        self.experts = GroupedExperts(n_experts, dim, hidden)
+        self.dispatcher: Dispatcher | None = None
+        """Set by expert parallelism: runs the experts on sorted tokens across ranks."""
+        self.stats_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+        """Set by data/sequence parallelism: sums balancing statistics over the group."""
+        self.uniform_fn: Callable[[int, int], torch.Tensor] | None = None
+        """Optional (T, E) -> (T, 2, E + 1) uniforms for SparseMixer sampling (tests)."""
+        self.aux_loss: torch.Tensor | None = None
+        self.last_load: torch.Tensor | None = None
+        self.last_entropy: float | None = None
+
+    def route(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns router logits_TE (fp32), weights_TK (fp32) and experts_TK (int64)."""
+        logits_TE = F.linear(x_TD.float(), self.router.weight.float())
+        if self.router_kind == "sparsemixer":
+            u = None
+            if self.training and self.uniform_fn is not None:
+                u = self.uniform_fn(*logits_TE.shape).to(logits_TE.device)
+            w, idx = sparsemixer_v2(logits_TE, self.jitter_eps, self.training, u)
+        else:
+            w, idx = topk_softmax(logits_TE, self.top_k)
+        return logits_TE, w, idx
+
+    def balance_loss(self, logits_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
+        """Switch-Transformer loss ``E * sum_e f_e * P_e`` with counts and probabilities summed
+        over the ``stats_reduce`` group first (global-batch balancing). Also records the load
+        histogram and the mean routing entropy."""
+        E = self.n_experts
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        counts_E = torch.bincount(experts_TK.flatten(), minlength=E).float()
+        entropy = -(probs_TE * torch.log(probs_TE.clamp_min(1e-30))).sum(-1).sum().detach()
+        n_tok = torch.tensor([float(logits_TE.shape[0])], device=logits_TE.device)
+        stats = torch.cat([counts_E, probs_TE.sum(0), n_tok, entropy.view(1)])
+        if self.stats_reduce is not None:
+            stats = self.stats_reduce(stats)
+        counts_E, psum_E, n, ent = stats[:E].detach(), stats[E : 2 * E], stats[2 * E], stats[-1]
+        self.last_load = (counts_E / counts_E.sum()).cpu()
+        self.last_entropy = float((ent / n).detach())
+        f_E = counts_E / (n.detach() * experts_TK.shape[-1])
+        return E * (f_E * (psum_E / n.detach())).sum()
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        shape = x_BSD.shape
+        x_TD = x_BSD.reshape(-1, shape[-1])
+        logits_TE, w_TK, idx_TK = self.route(x_TD)
+        self.aux_loss = self.balance_loss(logits_TE, idx_TK) if self.training else None
+        flat_e = idx_TK.flatten()
+        order = torch.argsort(flat_e, stable=True)
+        tok = order // idx_TK.shape[-1]
+        counts_E = torch.bincount(flat_e, minlength=self.n_experts)
+        x_sorted = x_TD[tok]
+        if self.dispatcher is not None:
+            y_sorted = self.dispatcher(x_sorted, counts_E, self.experts)
+        else:
+            y_sorted = self.experts(x_sorted, counts_E)
+        y_sorted = (y_sorted.float() * w_TK.flatten()[order, None]).to(x_TD.dtype)
+        out_TD = torch.zeros_like(x_TD).index_add(0, tok, y_sorted)
+        return out_TD.view(shape)
+
+
+def dense_moe_reference(moe: MoE, x_TD: torch.Tensor) -> torch.Tensor:
+    """``sum_k w_k * Expert_{i_k}(x)`` token by token (the naive per-token loop; tests and the
+    benchmark's baseline)."""
+    _, w_TK, idx_TK = moe.route(x_TD)
+    ex = moe.experts
+    out = torch.zeros_like(x_TD)
+    for t in range(x_TD.shape[0]):
+        for k in range(idx_TK.shape[1]):
+            e = int(idx_TK[t, k])
+            h = F.silu(x_TD[t] @ ex.w1[e]) * (x_TD[t] @ ex.w3[e])
+            out[t] += w_TK[t, k] * (h @ ex.w2[e])
+    return out
+
+
+# -- the model --------------------------------------------------------------------------------
+class MoEBlock(Block):
+    """Transformer block whose feed-forward is a ``MoE``."""
+
+    def make_ffn(self, cfg: GPTConfig) -> nn.Module:
+        assert isinstance(cfg, MoEConfig)
+        return MoE(
+            cfg.dim, cfg.moe_ffn_hidden, cfg.n_experts, cfg.top_k, cfg.router, cfg.jitter_eps
+        )
+
+
+class GPTMoE(GPT):
+    """Llama-style GPT with MoE feed-forward blocks (GRIN-MoE's architecture, tiny)."""
+
+    block_cls = MoEBlock
+
+    def moe_layers(self) -> dict[str, MoE]:
+        """Layer key -> its MoE module (whatever wrappers surround the blocks)."""
+        return {k: m for k, b in self.layers.items() for m in b.modules() if isinstance(m, MoE)}
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        out = super().forward(x, positions)
+        if self.training:
+            aux = [m.aux_loss for m in self.moe_layers().values() if m.aux_loss is not None]
+            if aux:
+                out.moe_aux_loss = torch.stack(aux).sum()
+        return out
+
+    def init_tensor(
+        self, name: str, shape: tuple[int, ...], generator: torch.Generator
+    ) -> torch.Tensor:
+        """As ``GPT.init_tensor``; expert weights (E, in, out) are drawn at their full logical
+        shape, w2 with the depth-scaled std."""
+        if ".experts.w" in name:
+            std = self.cfg.init_std
+            if name.endswith("experts.w2"):
+                std /= math.sqrt(2 * self.cfg.n_layers)
+            return torch.empty(shape).normal_(0.0, std, generator=generator)
+        return super().init_tensor(name, shape, generator)
+
+
+def build_gpt_moe(model_args: object) -> GPTMoE:
+    """Build a GPTMoE from ``train.config.ModelArgs`` (or any object with the same fields)."""
+    fields = MoEConfig.__dataclass_fields__
+    kwargs = {k: getattr(model_args, k) for k in fields if hasattr(model_args, k)}
+    return GPTMoE(MoEConfig(**kwargs))
