@@ -225,7 +225,7 @@ class SnapshotEngine:
         try:
             job.commit_fn(job)  # collective on the checkpoint group: every rank must enter
         except BaseException as e:
-            job.error = job.error or e
+            job.error = e
         finally:
             job.durable_s = time.perf_counter() - job.t0
             job.done.set()

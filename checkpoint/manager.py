@@ -72,6 +72,7 @@ class LocalChunk:
 
     def __init__(self, name: str, local: torch.Tensor, offset: list[int], meta: TensorMeta) -> None:
         self.name, self.local, self.offset, self.meta = name, local, offset, meta
+        self.storage = local  # this rank's whole local tensor, padding rows included
 
     @property
     def shape(self) -> list[int]:
@@ -124,6 +125,7 @@ def local_chunks(
                 local, offset, global_shape = t, [0] * t.ndim, list(t.shape)
                 part.update(placements=[], mesh_dims=[])
             logical = list(global_shape)
+            storage = local
             pad = padding.get(fqn)
             if pad is not None and t.ndim > pad[0] and global_shape[pad[0]] > pad[1]:
                 d, size = pad
@@ -132,7 +134,9 @@ def local_chunks(
                 keep = max(0, min(local.shape[d], size - offset[d]))
                 local = local.narrow(d, 0, keep)
             meta = TensorMeta(name, logical, dtype_name(t.dtype), part)
-            out.append(LocalChunk(name, local.detach(), list(offset), meta))
+            chunk = LocalChunk(name, local.detach(), list(offset), meta)
+            chunk.storage = storage.detach()
+            out.append(chunk)
     return out
 
 
@@ -351,7 +355,7 @@ class Manager:
         """Writer thread: small files, gather chunk metadata + hashes, rank 0 commits."""
         step_dir: Path = ctx["step_dir"]
         files: dict[str, dict] = {}
-        error = repr(job.error) if job.error is not None else None
+        error = str(job.error) if job.error is not None else None
         if error is None:
             try:
                 files[ctx["shard_rel"]] = {"sha256": job.sha256, "bytes": job.file_bytes}
@@ -516,7 +520,7 @@ class Manager:
         with torch.no_grad():
             for t in targets:
                 if t.meta.partitioning.get("padding") is not None:
-                    t.local.zero_()  # re-pad: rows beyond the logical vocabulary start at zero
+                    t.storage.zero_()  # re-pad: rows beyond the logical vocabulary start at zero
             for t, c, m in reads:
                 mm = mmaps.get(c.file)
                 if mm is None:
