@@ -16,7 +16,6 @@ stage only, so it is summed over the pp group (zeros elsewhere) for logging.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -108,30 +107,27 @@ def split_stage(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
 class PipelinedGPT(nn.Module):
     """This rank's pipeline stages (model chunks), presented as one module.
 
-    ``named_parameters``/``state_dict`` use the plain model's FQNs (``layers.5.attention.wq.
-    weight``), so initialisation, optimizers and checkpoints see the same names as with pp=1.
+    The stages' submodules are registered here under the plain model's names (``tok_embeddings``,
+    ``layers.<i>``, ``norm``, ``output``), so ``named_parameters``/``state_dict`` and tools that
+    walk the module tree by FQN (DCP's ``get_model_state_dict``, our checkpoints, initialisation)
+    see exactly the names of the unsplit model. The stage modules themselves (which the schedule
+    runs and FSDP wraps) are kept in a plain list, not registered twice.
     """
 
     def __init__(self, parts: list[nn.Module], stages: list[int], n_stages: int) -> None:
         super().__init__()
-        self.parts = nn.ModuleList(parts)
+        object.__setattr__(self, "parts", list(parts))
         self.stage_ids = stages
         self.n_stages = n_stages
+        self.layers = nn.ModuleDict()
+        for part in parts:
+            self.layers.update(part.layers)
+            for name in ("tok_embeddings", "norm", "output"):
+                if getattr(part, name, None) is not None:
+                    setattr(self, name, getattr(part, name))
 
     def init_tensor(self, name: str, shape: tuple[int, ...], gen: torch.Generator):
         return self.parts[0].init_tensor(name, shape, gen)
-
-    def named_parameters(
-        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
-    ) -> Iterator[tuple[str, nn.Parameter]]:
-        for part in self.parts:
-            yield from part.named_parameters(prefix, recurse, remove_duplicate)
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for part in self.parts:
-            out.update(part.state_dict(*args, **kwargs))
-        return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("a pipelined model runs through PipelineRunner, not model(x)")

@@ -13,6 +13,7 @@ import sys
 
 from omegaconf import OmegaConf
 
+from checkpoint import CheckpointError
 from parallelism.dims import LayoutError
 from train.cli import ConfigError, load_config, parse_argv
 from train.data import DataError
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_run(job)
         trainer = Trainer(job, cfg, plan)
         trainer.fit()
-    except (ConfigError, LayoutError, DataError) as exc:
+    except (ConfigError, LayoutError, DataError, CheckpointError) as exc:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         prefix = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
         print(f"{prefix}error: {exc}", file=sys.stderr)

@@ -192,6 +192,11 @@ class CheckpointArgs:
     """``sync``, ``async`` or ``lazy_async``."""
     resume: str = ""
     """``latest``, a checkpoint path, or empty to start fresh."""
+    dir: str = ""
+    """Folder of the step_* checkpoints and ``latest`` (empty = ``<run.dir>/checkpoints``)."""
+    host_buffer_mb: int = 1024
+    """Byte budget of the reusable host buffer the lazy snapshot copies into (a larger state
+    streams through it; the copy then waits for the writer)."""
 
 
 @dataclass

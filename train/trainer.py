@@ -25,6 +25,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from checkpoint import Manager, validate_checkpoint_args
 from parallelism.dims import LayoutError, ParallelDims, dims_from_config
 from parallelism.ulysses import sequence_slice
 from parallelism.utils import all_reduce_mean, clip_grad_norm_
@@ -64,6 +65,7 @@ def plan_run(job: JobConfig) -> RunPlan:
         raise LayoutError(f"train.dtype={t.dtype!r} must be 'fp32' or 'bf16'")
     spec = get_model_spec(job.model.name)
     spec.validate(job, dims)
+    validate_checkpoint_args(job.checkpoint)
     data_dir = resolve_data_dir(job.data)
     return RunPlan(
         dims,
@@ -140,6 +142,15 @@ class Trainer:
             loss_fn = lambda out, y: plan.spec.loss(out, y, job)  # noqa: E731
             self.pipeline = PipelineRunner(self.model, self.dims, job, loss_fn, self.device)
         self.loss_group = self.dims.submesh("dp_sp").get_group() if self.distributed else None
+        self.ckpt = Manager(
+            job.checkpoint,
+            self.run_dir,
+            config=OmegaConf.to_container(cfg, resolve=True),
+            layout=dict(zip(("pp", "dp_replicate", "dp_shard", "sp", "tp"), self.dims.mesh_shape)),
+        )
+        self.step = self.ckpt.maybe_resume(
+            self.model, self.optimizer, self.scheduler, self.train_loader
+        )
         self.metrics = MetricsLogger(
             self.run_dir,
             self.is_rank0,
@@ -224,6 +235,7 @@ class Trainer:
         loss = self.forward_backward(self.train_loader.next_batch())
         pp_group = self.pipeline.pp_group if self.pipeline is not None else None
         grad_norm = clip_grad_norm_(self.model.parameters(), self.job.optim.grad_clip, pp_group)
+        self.ckpt.wait_before_update()  # a lazy snapshot must be on the host before weights change
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
@@ -282,12 +294,17 @@ class Trainer:
                     last.update(self.plan.spec.metrics(self.model))
                 self.metrics.log(last)
                 self.metrics.progress(self.step, last["loss"], last["tokens_per_s"])
+            if self.ckpt.due(self.step):
+                self.ckpt.save_async(self.step)
             if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
                 self.metrics.log({"step": self.step, "val_loss": self.evaluate()})
             if t.max_time_s and time.perf_counter() - start > t.max_time_s:
                 self.metrics.write(f"stopping at step {self.step}: train.max_time_s reached")
                 break
+        if self.ckpt.due(self.step, final=True) and self.ckpt.last_saved != self.step:
+            self.ckpt.save_async(self.step)
         val = self.evaluate()
+        self.ckpt.finalize()
         self.metrics.log({"step": self.step, "val_loss": val})
         self.metrics.write(
             f"done: {self.step} steps in {time.perf_counter() - start:.1f}s, val_loss {val:.4f}"
@@ -295,6 +312,7 @@ class Trainer:
         return {**last, "val_loss": val}
 
     def close(self) -> None:
+        self.ckpt.finalize()
         self.metrics.close()
         if self.is_rank0 and self.job.logging.plot and self.metrics.path.exists():
             plot_loss(self.metrics.path, self.run_dir / "loss.png")

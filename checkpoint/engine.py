@@ -1,0 +1,231 @@
+"""Lazy asynchronous snapshot engine (DataStates-LLM, Maurya et al., HPDC 2024).
+
+Parameters and optimizer state do not change between one optimizer step and the next, so a
+checkpoint registered right after step N can be copied to host memory while step N+1 runs its
+forward and backward. This module owns that machinery for one rank:
+
+* ``HostRing``: one reusable host arena (pinned when CUDA exists) whose size is the configured
+  byte budget; pieces are allocated and freed in FIFO order, so a state larger than the budget
+  streams through it (the copy then waits for the writer to free space).
+* a copier thread that slices every tensor's bytes into pieces, copies them into the arena and
+  hands them to the writer; it sets ``copy_done`` when the last byte is on the host;
+* a writer thread that appends pieces to this rank's shard file, hashes them (sha256) on the fly,
+  fsyncs, and then runs the commit protocol (``commit_fn``) on a dedicated gloo group.
+
+torch offers pieces of this (DCP ``async_save`` stages with a blocking copy at call time, then
+writes in a thread); what it lacks is the deferred copy that overlaps compute, the bounded
+reusable arena, and a commit with integrity hashes, so this part is written here.
+
+Test hooks (environment ``LATTICE_CKPT_TEST_HOOK``, comma-separated ``key=value``):
+``copy_delay_s`` sleeps per copied piece; ``pause_after_bytes`` + ``pause_marker`` make the
+writer touch the marker and sleep forever after that many bytes (a test then SIGKILLs us);
+``enospc_after_bytes`` raises ``ENOSPC`` as a full disk would.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from checkpoint.format import CheckpointError
+
+
+def test_hooks() -> dict[str, str]:
+    raw = os.environ.get("LATTICE_CKPT_TEST_HOOK", "")
+    return dict(kv.split("=", 1) for kv in raw.split(",") if "=" in kv)
+
+
+class HostRing:
+    """A FIFO ring allocator over one reusable host byte arena of ``nbytes``."""
+
+    def __init__(self, nbytes: int, pin: bool) -> None:
+        self.size = max(1, int(nbytes))
+        self.buf = torch.empty(self.size, dtype=torch.uint8, pin_memory=pin)
+        self._live: deque[tuple[int, int]] = deque()
+        self._cond = threading.Condition()
+        self.aborted = False
+
+    def alloc(self, n: int) -> int:
+        """Start of ``n`` free contiguous bytes (blocks until the writer frees enough)."""
+        assert 0 < n <= self.size
+        with self._cond:
+            while True:
+                if self.aborted:
+                    raise CheckpointError("checkpoint copy aborted")
+                start = self._fit(n)
+                if start is not None:
+                    self._live.append((start, start + n))
+                    return start
+                self._cond.wait()
+
+    def _fit(self, n: int) -> int | None:
+        if not self._live:
+            return 0
+        tail, head = self._live[0][0], self._live[-1][1]
+        if head > tail:  # live region [tail, head): free space at the end, then at the start
+            if head + n <= self.size:
+                return head
+            return 0 if n <= tail else None
+        return head if head + n <= tail else None  # wrapped: free space is [head, tail)
+
+    def free(self) -> None:
+        with self._cond:
+            self._live.popleft()
+            self._cond.notify_all()
+
+    def abort(self) -> None:
+        with self._cond:
+            self.aborted = True
+            self._cond.notify_all()
+
+
+@dataclass
+class WriteItem:
+    """One chunk this rank writes: live tensor (not copied yet) and its place in the file."""
+
+    tensor: torch.Tensor
+    byte_offset: int
+    nbytes: int
+
+
+@dataclass
+class SaveJob:
+    """One registered checkpoint on one rank."""
+
+    step: int
+    shard_path: Path
+    items: list[WriteItem]
+    file_bytes: int
+    commit_fn: Callable[[SaveJob], None]
+    prepare_fn: Callable[[SaveJob], None]
+    copy_done: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    sha256: str = ""
+    copy_s: float = 0.0
+    durable_s: float = 0.0
+    t0: float = field(default_factory=time.perf_counter)
+
+
+class SnapshotEngine:
+    """Copies a rank's registered tensors to host and writes them in the background."""
+
+    def __init__(self, budget_bytes: int, pin: bool) -> None:
+        self.budget = int(budget_bytes)
+        self.pin = pin
+        self.ring: HostRing | None = None
+        self.hooks = test_hooks()
+
+    def _ring_for(self, total: int) -> HostRing:
+        want = max(4096, min(self.budget, total))
+        if self.ring is None or self.ring.size < want:  # grows once, then reused every save
+            self.ring = HostRing(want, self.pin)
+        self.ring.aborted = False
+        return self.ring
+
+    def start(self, job: SaveJob, lazy: bool) -> None:
+        """Start copier and writer threads; with ``lazy=False`` the copy finishes before return."""
+        ring = self._ring_for(job.file_bytes)
+        pieces: queue.Queue = queue.Queue()
+        piece_max = max(1, min(ring.size // 4 if ring.size >= 1 << 20 else ring.size, 64 << 20))
+        copier = threading.Thread(
+            target=self._copy, args=(job, ring, pieces, piece_max), daemon=True, name="ckpt-copy"
+        )
+        writer = threading.Thread(
+            target=self._write, args=(job, ring, pieces), daemon=True, name="ckpt-write"
+        )
+        writer.start()
+        if lazy:
+            copier.start()
+        else:
+            self._copy(job, ring, pieces, piece_max)
+
+    def _copy(self, job: SaveJob, ring: HostRing, pieces: queue.Queue, piece_max: int) -> None:
+        t0 = time.perf_counter()
+        delay = float(self.hooks.get("copy_delay_s", 0))
+        try:
+            for item in job.items:
+                src = item.tensor.detach().reshape(-1).view(torch.uint8)
+                for a in range(0, item.nbytes, piece_max):
+                    n = min(piece_max, item.nbytes - a)
+                    s = ring.alloc(n)
+                    dst = ring.buf[s : s + n]
+                    dst.copy_(src[a : a + n], non_blocking=src.is_cuda)
+                    if src.is_cuda:
+                        torch.cuda.current_stream(src.device).synchronize()
+                    if delay:
+                        time.sleep(delay)
+                    pieces.put((item.byte_offset + a, s, n))
+        except BaseException as e:
+            job.error = job.error or e
+        finally:
+            job.copy_s = time.perf_counter() - t0
+            job.copy_done.set()
+            pieces.put(None)
+
+    def _write(self, job: SaveJob, ring: HostRing, pieces: queue.Queue) -> None:
+        pause_after = int(self.hooks.get("pause_after_bytes", -1))
+        enospc_after = int(self.hooks.get("enospc_after_bytes", -1))
+        try:
+            job.prepare_fn(job)
+            job.shard_path.parent.mkdir(parents=True, exist_ok=True)
+            h = hashlib.sha256()
+            pos = 0
+            with open(job.shard_path, "wb", buffering=0) as f:
+                while (piece := pieces.get()) is not None:
+                    off, s, n = piece
+                    try:
+                        if job.error is not None:
+                            continue  # drain so the copier never blocks on a full ring
+                        if off > pos:  # alignment padding
+                            pad = bytes(off - pos)
+                            f.write(pad)
+                            h.update(pad)
+                            pos = off
+                        if 0 <= enospc_after < pos + n:
+                            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                        mv = memoryview(ring.buf[s : s + n].numpy())
+                        f.write(mv)
+                        h.update(mv)
+                        pos += n
+                        if 0 <= pause_after <= pos:
+                            Path(self.hooks["pause_marker"]).write_text(str(os.getpid()))
+                            while True:
+                                time.sleep(3600)
+                    except OSError as e:
+                        job.error = job.error or CheckpointError(
+                            f"writing {job.shard_path} failed: {e} (disk full? free space or "
+                            f"point checkpoint.dir elsewhere); the previous checkpoint is kept"
+                        )
+                    finally:
+                        ring.free()
+                if job.error is None and job.file_bytes > pos:
+                    pad = bytes(job.file_bytes - pos)
+                    f.write(pad)
+                    h.update(pad)
+                if job.error is None:
+                    os.fsync(f.fileno())
+            job.sha256 = h.hexdigest()
+        except OSError as e:
+            job.error = job.error or CheckpointError(
+                f"writing {job.shard_path} failed: {e}; the previous checkpoint is kept"
+            )
+        except BaseException as e:
+            job.error = job.error or e
+        try:
+            job.commit_fn(job)  # collective on the checkpoint group: every rank must enter
+        except BaseException as e:
+            job.error = e
+        finally:
+            job.durable_s = time.perf_counter() - job.t0
+            job.done.set()

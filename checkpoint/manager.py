@@ -1,0 +1,567 @@
+"""``checkpoint.Manager``: what the trainer calls to save (lazily) and to resume on any layout.
+
+Owns the save protocol (which rank writes which chunk, the commit on a dedicated gloo group,
+``latest``, retention) and the universal load (read of overlapping chunks into whatever DTensor
+layout the current run has, vocabulary re-padding, optimizer/scheduler/data/RNG restore).
+
+Built on torch.distributed.checkpoint's ``get_model_state_dict`` / ``get_optimizer_state_dict`` /
+``set_*``: they give every tensor under its canonical FQN (wrapper prefixes removed), map
+optimizer state to parameter names, and initialise empty optimizer state before a load. The
+chunk geometry comes from DTensor (``compute_local_shape_and_global_offset``), so any layout
+expressed as placements on a named mesh (FSDP2, HSDP, TP, EP, Ulysses) saves and loads without
+code here knowing it. Universal Checkpointing (Lian et al., 2024) is the model for the logical
+metadata; DataStates-LLM for the lazy engine (``checkpoint/engine.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from checkpoint.engine import SaveJob, SnapshotEngine, WriteItem
+from checkpoint.format import (
+    FORMAT,
+    INDEX,
+    LATEST,
+    VERSION,
+    CheckpointError,
+    Chunk,
+    TensorMeta,
+    align,
+    atomic_write,
+    box_slices,
+    decode_tensor,
+    dtype_from_name,
+    dtype_name,
+    encode_tensor,
+    fsync_dir,
+    json_bytes,
+    overlap,
+    read_index,
+    resolve,
+    sha256_file,
+    step_dir_name,
+    verify_files,
+)
+
+MODES = ("sync", "async", "lazy_async")
+
+
+# -- what a rank holds ------------------------------------------------------------------------
+class LocalChunk:
+    """This rank's piece of one logical tensor: live tensor view + its box in logical coords."""
+
+    def __init__(self, name: str, local: torch.Tensor, offset: list[int], meta: TensorMeta) -> None:
+        self.name, self.local, self.offset, self.meta = name, local, offset, meta
+        self.storage = local  # this rank's whole local tensor, padding rows included
+
+    @property
+    def shape(self) -> list[int]:
+        return list(self.local.shape)
+
+
+def vocab_padding(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Canonical parameter names whose dim 0 is padded vocabulary: {name: (dim, logical_size)}."""
+    cfg = getattr(model, "cfg", None)
+    vocab, padded = getattr(cfg, "vocab_size", 0), getattr(cfg, "padded_vocab_size", 0)
+    if not vocab or padded <= vocab:
+        return {}
+    return {n: (0, vocab) for n in ("tok_embeddings.weight", "output.weight")}
+
+
+def _mesh_dims(t: DTensor) -> list[str]:
+    names = t.device_mesh.mesh_dim_names
+    return list(names) if names else [f"dim{i}" for i in range(t.device_mesh.ndim)]
+
+
+def local_chunks(
+    state: dict[str, Any], prefix: str, padding: dict[str, tuple[int, int]]
+) -> list[LocalChunk]:
+    """Flatten a (nested) state dict of tensors into this rank's chunks in logical coordinates.
+
+    Args:
+        state: ``{fqn: tensor}`` or ``{fqn: {key: tensor}}`` (optimizer state).
+        prefix: ``"model"`` or ``"optim"``; names become ``prefix/fqn[/key]``.
+        padding: ``{fqn: (dim, logical_size)}``; rows beyond it are dropped from the chunk.
+    """
+    out = []
+    for fqn, value in state.items():
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for key, t in items:
+            if not isinstance(t, torch.Tensor):
+                continue
+            name = f"{prefix}/{fqn}" + (f"/{key}" if key is not None else "")
+            part: dict[str, Any] = {"padding": None, "expert": None, "fused": None}
+            if isinstance(t, DTensor):
+                shape, offset = compute_local_shape_and_global_offset(
+                    t.shape, t.device_mesh, t.placements
+                )
+                local = t.to_local()
+                if list(local.shape) != list(shape):  # padded local storage (uneven shards)
+                    local = local[tuple(slice(0, s) for s in shape)]
+                part.update(placements=[str(p) for p in t.placements], mesh_dims=_mesh_dims(t))
+                part["mesh_shape"] = list(t.device_mesh.shape)
+                global_shape = list(t.shape)
+            else:
+                local, offset, global_shape = t, [0] * t.ndim, list(t.shape)
+                part.update(placements=[], mesh_dims=[])
+            logical = list(global_shape)
+            storage = local
+            pad = padding.get(fqn)
+            if pad is not None and t.ndim > pad[0] and global_shape[pad[0]] > pad[1]:
+                d, size = pad
+                part["padding"] = {"dim": d, "padded_size": global_shape[d]}
+                logical[d] = size
+                keep = max(0, min(local.shape[d], size - offset[d]))
+                local = local.narrow(d, 0, keep)
+            meta = TensorMeta(name, logical, dtype_name(t.dtype), part)
+            chunk = LocalChunk(name, local.detach(), list(offset), meta)
+            chunk.storage = storage.detach()
+            out.append(chunk)
+    return out
+
+
+def _rng_state() -> dict:
+    state = {
+        "torch": encode_tensor(torch.get_rng_state()),
+        "python": json.loads(json.dumps(random.getstate(), default=list)),
+        "numpy": None,
+    }
+    np_state = np.random.get_state()
+    state["numpy"] = [np_state[0], np_state[1].tolist(), *np_state[2:]]
+    if torch.cuda.is_available():
+        state["cuda"] = [encode_tensor(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(decode_tensor(state["torch"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([decode_tensor(s) for s in state["cuda"]])
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+# -- the manager ------------------------------------------------------------------------------
+class Manager:
+    """Checkpoint saving and resuming for one rank of a run.
+
+    Call order in a training loop::
+
+        ckpt = Manager(job.checkpoint, run_dir, config=cfg_dict)
+        step = ckpt.maybe_resume(model, optimizer, scheduler, train_loader)
+        loop: forward/backward; ckpt.wait_before_update(); optimizer.step(); ...
+              ckpt.save_async(step)         # when ckpt.due(step)
+        ckpt.finalize()
+    """
+
+    def __init__(
+        self,
+        args: Any,
+        run_dir: Path | str,
+        config: dict | None = None,
+        layout: dict | None = None,
+    ) -> None:
+        if args.mode not in MODES:
+            raise CheckpointError(f"checkpoint.mode={args.mode!r}: use one of {', '.join(MODES)}")
+        self.args = args
+        self.root = Path(getattr(args, "dir", "") or Path(run_dir) / "checkpoints")
+        self.config = config or {}
+        self.layout = layout or {}
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        # Writes, fsync and the commit talk over their own gloo group so that they never
+        # interleave with the training collectives (NCCL or gloo) of the main thread.
+        active = args.enabled or bool(args.resume)
+        self.group = dist.new_group(backend="gloo") if self.world > 1 and active else None
+        budget = int(getattr(args, "host_buffer_mb", 1024)) << 20
+        self.engine = SnapshotEngine(budget, pin=torch.cuda.is_available())
+        self.job: SaveJob | None = None
+        self.model = self.optimizer = self.scheduler = self.loader = None
+        self.rng: torch.Generator | None = None
+        self._writer_plan: dict[tuple, int] | None = None
+        self.last_committed: int | None = None
+        self.last_saved: int | None = None
+        self.stats: list[dict] = []
+        self._lock = threading.Lock()
+
+    # -- attach / resume ----------------------------------------------------------------------
+    def attach(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any = None,
+        train_loader: Any = None,
+        rng: torch.Generator | None = None,
+    ) -> None:
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.loader, self.rng = train_loader, rng
+
+    def maybe_resume(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any = None,
+        train_loader: Any = None,
+        rng: torch.Generator | None = None,
+    ) -> int:
+        """Attach the training objects; load ``checkpoint.resume`` if set. Returns the step."""
+        self.attach(model, optimizer, scheduler, train_loader, rng)
+        spec = self.args.resume
+        if not spec:
+            return 0
+        return self.load(resolve(self.root, spec))
+
+    def due(self, step: int, final: bool = False) -> bool:
+        if not self.args.enabled:
+            return False
+        every = self.args.every
+        return final or (every > 0 and step % every == 0)
+
+    # -- save ---------------------------------------------------------------------------------
+    def _state(self) -> tuple[dict, dict]:
+        msd = get_model_state_dict(self.model)
+        osd = get_optimizer_state_dict(self.model, self.optimizer)
+        return msd, osd
+
+    def _chunks(self) -> tuple[list[LocalChunk], dict]:
+        msd, osd = self._state()
+        pad = vocab_padding(self.model)
+        chunks = local_chunks(msd, "model", pad) + local_chunks(osd["state"], "optim", pad)
+        return chunks, osd
+
+    def _plan_writers(self, chunks: list[LocalChunk]) -> dict[tuple, int]:
+        """Each distinct (name, box) is written once, by the lowest rank that holds it."""
+        keys = [(c.name, tuple(c.offset), tuple(c.shape)) for c in chunks if c.local.numel()]
+        if self._writer_plan is not None and set(keys) <= self._writer_plan.keys():
+            return self._writer_plan
+        gathered = [keys]
+        if self.world > 1:
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, keys, group=self.group)
+        plan: dict[tuple, int] = {}
+        for r, ks in enumerate(gathered):
+            for k in ks:
+                plan.setdefault(k, r)
+        self._writer_plan = plan
+        return plan
+
+    def save_async(self, step: int) -> None:
+        """Register a checkpoint of the current state at ``step``.
+
+        ``lazy_async`` returns at once (the copy overlaps the next forward/backward);
+        ``async`` returns once the host copy is done; ``sync`` once the checkpoint is committed.
+        Every rank must call it at the same step.
+        """
+        if self.model is None:
+            raise CheckpointError("Manager.save_async before maybe_resume/attach")
+        self.wait()  # at most one checkpoint in flight
+        chunks, osd = self._chunks()
+        plan = self._plan_writers(chunks)
+        step_dir = self.root / step_dir_name(step)
+        shard_rel = f"shards/rank_{self.rank:05d}.bin"
+        items, metas, pos = [], [], 0
+        for c in chunks:
+            key = (c.name, tuple(c.offset), tuple(c.shape))
+            if not c.local.numel() or plan.get(key) != self.rank:
+                continue
+            local = c.local if c.local.is_contiguous() else c.local.contiguous()
+            nbytes = local.numel() * local.element_size()
+            pos = align(pos)
+            items.append(WriteItem(local, pos, nbytes))
+            c.meta.chunks = [Chunk(shard_rel, pos, nbytes, c.offset, c.shape)]
+            metas.append(c.meta)
+            pos += nbytes
+        # Small host state is captured now (it changes in the next step).
+        rank_state = {"rank": self.rank, "rng": _rng_state()}
+        if self.rng is not None:
+            rank_state["generator"] = encode_tensor(self.rng.get_state())
+        train_state = None
+        if self.rank == 0:
+            groups = [{k: v for k, v in g.items() if k != "params"} for g in osd["param_groups"]]
+            train_state = {
+                "step": step,
+                "scheduler": _jsonable(self.scheduler.state_dict()) if self.scheduler else None,
+                "data": _jsonable(self.loader.state_dict()) if self.loader else None,
+                "param_groups": _jsonable(groups),
+                "world_size": self.world,
+                "layout": self.layout,
+                "config": self.config,
+            }
+        ctx = {
+            "step_dir": step_dir,
+            "shard_rel": shard_rel,
+            "metas": metas,
+            "rank_state": rank_state,
+            "train_state": train_state,
+        }
+        job = SaveJob(
+            step,
+            step_dir / shard_rel,
+            items,
+            align(pos),
+            commit_fn=lambda j: self._commit(j, ctx),
+            prepare_fn=lambda j: self._prepare(j, ctx),
+        )
+        self.job = job
+        self.last_saved = step
+        mode = self.args.mode
+        self.engine.start(job, lazy=mode == "lazy_async")
+        if mode == "sync":
+            self.wait()
+
+    def _prepare(self, job: SaveJob, ctx: dict) -> None:
+        """Writer thread, before the first byte: rank 0 clears a stale dir of the same step."""
+        step_dir: Path = ctx["step_dir"]
+        if self.rank == 0 and step_dir.exists():
+            (step_dir / INDEX).unlink(missing_ok=True)  # uncommit first, then clear
+            shutil.rmtree(step_dir, ignore_errors=True)
+        if self.group is not None:
+            dist.barrier(group=self.group)
+        step_dir.mkdir(parents=True, exist_ok=True)
+
+    def _commit(self, job: SaveJob, ctx: dict) -> None:
+        """Writer thread: small files, gather chunk metadata + hashes, rank 0 commits."""
+        step_dir: Path = ctx["step_dir"]
+        files: dict[str, dict] = {}
+        error = str(job.error) if job.error is not None else None
+        if error is None:
+            try:
+                files[ctx["shard_rel"]] = {"sha256": job.sha256, "bytes": job.file_bytes}
+                rel = f"train_state/rank_{self.rank:05d}.json"
+                self._write_small(step_dir, rel, json_bytes(ctx["rank_state"]), files)
+                if ctx["train_state"] is not None:
+                    self._write_small(
+                        step_dir, "train_state.json", json_bytes(ctx["train_state"]), files
+                    )
+            except OSError as e:
+                error = f"writing small files in {step_dir} failed: {e}"
+        payload = {
+            "rank": self.rank,
+            "error": error,
+            "files": files,
+            "tensors": [(m.name, m.to_json()) for m in ctx["metas"]],
+        }
+        gathered = [payload]
+        if self.group is not None:
+            gathered = [None] * self.world if self.rank == 0 else None
+            dist.gather_object(payload, gathered, dst=0, group=self.group)
+        status = {"ok": True, "error": None}
+        if self.rank == 0:
+            errors = [f"rank {p['rank']}: {p['error']}" for p in gathered if p["error"]]
+            if errors:
+                status = {"ok": False, "error": "; ".join(errors)}
+            else:
+                try:
+                    self._write_index(job.step, step_dir, gathered)
+                except OSError as e:
+                    status = {"ok": False, "error": f"committing {step_dir / INDEX} failed: {e}"}
+        if self.group is not None:
+            box = [status]
+            dist.broadcast_object_list(box, src=0, group=self.group)
+            status = box[0]
+        if not status["ok"]:
+            prev = self.last_committed
+            raise CheckpointError(
+                f"checkpoint of step {job.step} was NOT committed ({status['error']}); "
+                f"the previous checkpoint ({'step ' + str(prev) if prev is not None else 'none'}) "
+                f"is kept and `latest` still names it"
+            )
+        self.last_committed = job.step
+
+    def _write_small(self, step_dir: Path, rel: str, data: bytes, files: dict) -> None:
+        path = step_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        files[rel] = {"sha256": sha256_file(path), "bytes": len(data)}
+
+    def _write_index(self, step: int, step_dir: Path, payloads: list[dict]) -> None:
+        tensors: dict[str, TensorMeta] = {}
+        manifest: dict[str, dict] = {}
+        for p in payloads:
+            manifest.update(p["files"])
+            for name, d in p["tensors"]:
+                meta = TensorMeta.from_json(name, d)
+                if name in tensors:
+                    tensors[name].chunks.extend(meta.chunks)
+                else:
+                    tensors[name] = meta
+        for d in (step_dir / "shards", step_dir / "train_state", step_dir):
+            if d.exists():
+                fsync_dir(d)
+        index = {
+            "format": FORMAT,
+            "version": VERSION,
+            "step": step,
+            "world_size": self.world,
+            "layout": self.layout,
+            "train_state": "train_state.json",
+            "tensors": {n: tensors[n].to_json() for n in sorted(tensors)},
+            "manifest": dict(sorted(manifest.items())),
+        }
+        atomic_write(step_dir / INDEX, json_bytes(index))  # the commit point
+        atomic_write(self.root / LATEST, (step_dir.name + "\n").encode())
+        self._retain(step_dir)
+
+    def _retain(self, current: Path) -> None:
+        keep = self.args.keep_last
+        if keep <= 0:
+            return
+        committed = sorted(p for p in self.root.glob("step_*") if (p / INDEX).exists())
+        for old in committed[:-keep]:
+            if old != current:
+                (old / INDEX).unlink(missing_ok=True)  # uncommit before deleting
+                shutil.rmtree(old, ignore_errors=True)
+
+    def wait_before_update(self) -> None:
+        """Block until the in-flight snapshot's host copy is complete (call before the update)."""
+        job = self.job
+        if job is None:
+            return
+        job.copy_done.wait()
+        if job.error is not None and job.done.is_set():
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the in-flight checkpoint is committed (or failed: raises)."""
+        job = self.job
+        if job is None:
+            return
+        job.done.wait()
+        self.job = None
+        self.stats.append({"step": job.step, "copy_s": job.copy_s, "durable_s": job.durable_s})
+        if job.error is not None:
+            if isinstance(job.error, CheckpointError):
+                raise job.error
+            raise CheckpointError(
+                f"checkpoint of step {job.step} failed: {job.error!r}"
+            ) from job.error
+
+    def finalize(self) -> None:
+        """Flush: wait for the in-flight checkpoint's commit (call at exit on every rank)."""
+        self.wait()
+
+    # -- load ---------------------------------------------------------------------------------
+    def load(self, ckpt: Path) -> int:
+        """Load ``ckpt`` into the attached objects on the current layout; returns its step."""
+        ckpt = Path(ckpt)
+        error, index = None, None
+        try:
+            index = read_index(ckpt)
+        except CheckpointError as e:
+            error = str(e)
+        self._agree(error)
+        msd, osd = self._state()
+        pad = vocab_padding(self.model)
+        targets = local_chunks(msd, "model", pad) + local_chunks(osd["state"], "optim", pad)
+        reads: list[tuple[LocalChunk, Chunk, TensorMeta]] = []
+        for t in targets:
+            meta = index["tensors"].get(t.name)
+            if meta is None:
+                error = error or (
+                    f"{ckpt}/{INDEX} has no tensor {t.name!r} (saved by a different model?)"
+                )
+                continue
+            m = TensorMeta.from_json(t.name, meta)
+            if m.logical_shape != t.meta.logical_shape:
+                error = error or (
+                    f"{t.name}: checkpoint logical shape {m.logical_shape} != model "
+                    f"{t.meta.logical_shape} (different model.* config?)"
+                )
+            for c in m.chunks:
+                if overlap(c.offset, c.shape, t.offset, t.shape) is not None:
+                    reads.append((t, c, m))
+        files = {c.file for _, c, _ in reads} | {index["train_state"]} if index else set()
+        rank_rel = f"train_state/rank_{self.rank:05d}.json"
+        if index and rank_rel in index["manifest"]:
+            files.add(rank_rel)
+        if error is None:
+            try:
+                verify_files(ckpt, index, files)  # everything we read, before touching the model
+            except CheckpointError as e:
+                error = str(e)
+        self._agree(error)
+        # Nothing below can fail on data: fill the live tensors, then hand them to DCP's setters.
+        mmaps: dict[str, np.memmap] = {}
+        with torch.no_grad():
+            for t in targets:
+                if t.meta.partitioning.get("padding") is not None:
+                    t.storage.zero_()  # re-pad: rows beyond the logical vocabulary start at zero
+            for t, c, m in reads:
+                mm = mmaps.get(c.file)
+                if mm is None:
+                    mm = mmaps[c.file] = np.memmap(ckpt / c.file, dtype=np.uint8, mode="r")
+                raw = torch.from_numpy(np.array(mm[c.byte_offset : c.byte_offset + c.nbytes]))
+                src = raw.view(dtype_from_name(m.dtype)).reshape(c.shape)
+                off, shape = overlap(c.offset, c.shape, t.offset, t.shape)
+                t.local[box_slices(off, shape, t.offset)].copy_(
+                    src[box_slices(off, shape, c.offset)]
+                )
+        set_model_state_dict(self.model, msd)
+        state = json.loads((ckpt / index["train_state"]).read_text())
+        saved_groups = state.get("param_groups") or []
+        for g, saved in zip(osd["param_groups"], saved_groups):
+            for k, v in saved.items():
+                g[k] = tuple(v) if isinstance(g.get(k), tuple) else v
+        set_optimizer_state_dict(self.model, self.optimizer, osd)
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.loader is not None and state.get("data") is not None:
+            self.loader.load_state_dict(state["data"])
+        if rank_rel in index["manifest"] and state.get("world_size") == self.world:
+            rank_state = json.loads((ckpt / rank_rel).read_text())
+            _set_rng_state(rank_state["rng"])
+            if self.rng is not None and "generator" in rank_state:
+                self.rng.set_state(decode_tensor(rank_state["generator"]))
+        elif state.get("world_size") != self.world:
+            warnings.warn(
+                f"resuming {ckpt} (world size {state.get('world_size')}) on world size "
+                f"{self.world}: per-rank RNG streams are not restored",
+                stacklevel=2,
+            )
+        self.last_committed = int(index["step"])
+        return int(state["step"])
+
+    def _agree(self, error: str | None) -> None:
+        """Every rank raises together if any rank found a problem (nothing half-loaded)."""
+        errors = [error]
+        if self.group is not None:
+            errors = [None] * self.world
+            dist.all_gather_object(errors, error, group=self.group)
+        first = next((e for e in errors if e), None)
+        if first:
+            raise CheckpointError(first)

@@ -1,0 +1,113 @@
+"""Universal resume matrix: save after 4 steps on one layout, resume 4 more on another.
+
+Every row's resumed losses and final weights equal an uninterrupted single-process run (fp32);
+a row marked ``exact`` (same layout) must reproduce its own uninterrupted run bit for bit.
+Adding a layout = one entry in LAYOUTS; adding a resume case = one line in MATRIX.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed.harness import run_on_ranks
+from tests.trainer_utils import assert_close_runs, run_trainer
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+# Multi-head attention (4 kv heads) so tp=4 and sp=4 layouts are valid for the same model.
+BASE = ["train.steps=8", "train.seed=0", "train.micro_batch_size=1", "model.n_kv_heads=4"]
+
+# name -> (overrides, world size)
+LAYOUTS: dict[str, tuple[list[str], int]] = {
+    "single": (["parallel.dp_replicate=1", "parallel.dp_shard=1"], 1),
+    "fsdp2": (["parallel.dp_replicate=1", "parallel.dp_shard=2"], 2),
+    "fsdp8": (["parallel.dp_replicate=1", "parallel.dp_shard=8"], 8),
+    "hsdp2x2": (["parallel.dp_replicate=2", "parallel.dp_shard=2"], 4),
+    "ddp2": (["parallel.dp_replicate=2", "parallel.dp_shard=1"], 2),
+    "tp2pp2dp2": (["parallel.tp=2", "parallel.pp=2", "parallel.dp_shard=2"], 8),
+    "tp2dp4": (["parallel.tp=2", "parallel.dp_shard=4"], 8),
+    "tp4pp2": (["parallel.tp=4", "parallel.pp=2", "parallel.dp_shard=1"], 8),
+    "sp4": (["parallel.sp=4", "parallel.dp_shard=1"], 4),
+    "sp2": (["parallel.sp=2", "parallel.dp_shard=1"], 2),
+}
+
+# (save layout, resume layout, exact bit-for-bit)
+MATRIX: list[tuple[str, str, bool]] = [
+    ("fsdp2", "fsdp2", True),
+    ("single", "fsdp2", False),  # (1,1,1) -> FSDP
+    ("fsdp8", "fsdp2", False),  # world size 8 -> 2
+    ("fsdp2", "fsdp8", False),  # world size 2 -> 8
+    ("hsdp2x2", "single", False),  # HSDP 2x2 -> 1 process
+    ("ddp2", "hsdp2x2", False),
+    ("tp2pp2dp2", "single", False),  # (tp, pp, dp_shard) (2,2,2) -> (1,1,1)
+    ("single", "tp2pp2dp2", False),  # (1,1,1) -> (2,2,2)
+    ("tp2dp4", "tp4pp2", False),  # (2,1,4) -> (4,2,1)
+    ("sp4", "sp2", False),  # Ulysses sp 4 -> 2
+    ("tp2pp2dp2", "tp2pp2dp2", True),
+]
+
+
+def _rank_fn(rank: int, world: int, overrides: list[str]) -> dict:
+    return run_trainer(overrides)
+
+
+def _run(layout: str, extra: list[str]) -> dict:
+    overrides, world = LAYOUTS[layout]
+    args = [*BASE, *overrides, *extra]
+    if world == 1:
+        return run_trainer(args)
+    results = run_on_ranks(_rank_fn, world, args, timeout_s=90)
+    weights: dict = {}
+    for r in results:  # pipeline ranks each hold their own stages
+        weights.update(r["weights"])
+    return {**results[0], "weights": weights}
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_data: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Uninterrupted single-process run without checkpointing."""
+    return _run("single", [f"data.path={tiny_data}", f"run.dir={tmp_path_factory.mktemp('ref')}"])
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_data: str, tmp_path_factory: pytest.TempPathFactory):
+    """Uninterrupted 8-step runs that checkpoint every 4 steps, one per layout (cached)."""
+    cache: dict[str, tuple[dict, Path]] = {}
+
+    def get(layout: str) -> tuple[dict, Path]:
+        if layout not in cache:
+            run = tmp_path_factory.mktemp(f"save-{layout}")
+            res = _run(
+                layout,
+                [
+                    f"data.path={tiny_data}",
+                    f"run.dir={run}",
+                    "checkpoint.enabled=true",
+                    "checkpoint.every=4",
+                    "checkpoint.keep_last=0",
+                ],
+            )
+            cache[layout] = (res, run / "checkpoints" / "step_00000004")
+        return cache[layout]
+
+    return get
+
+
+@pytest.mark.parametrize(("src", "dst", "exact"), MATRIX, ids=[f"{s}_to_{d}" for s, d, _ in MATRIX])
+def test_resume_matrix(src, dst, exact, reference, saved, tiny_data, tmp_path) -> None:
+    full, ckpt = saved(src)
+    assert (ckpt / "index.json").exists()
+    # The checkpointing run itself is unperturbed by the (lazy) saves.
+    assert_close_runs(reference, full)
+    resumed = _run(
+        dst, [f"data.path={tiny_data}", f"run.dir={tmp_path}", f"checkpoint.resume={ckpt}"]
+    )
+    assert len(resumed["losses"]) == 4  # steps 5..8 only
+    assert_close_runs({**reference, "losses": reference["losses"][4:]}, resumed)
+    if exact:
+        assert resumed["losses"] == full["losses"][4:]
+        for k, w in full["weights"].items():
+            assert torch.equal(resumed["weights"][k], w), k
