@@ -58,11 +58,12 @@ class Tower(nn.Module):
             tables=table_configs(self.names, dim, num_embeddings),
             device=torch.get_default_device(),
         )
-        self.module = TowerModule(len(names), dim, num_out) if num_out > 0 else nn.Identity()
+        # "tm", not "module": parallelism/init.canonical_name strips "module." from names
+        self.tm = TowerModule(len(names), dim, num_out) if num_out > 0 else nn.Identity()
 
     @property
     def num_out(self) -> int:
-        return len(self.names) if isinstance(self.module, nn.Identity) else self.module.num_out
+        return len(self.names) if isinstance(self.tm, nn.Identity) else self.tm.num_out
 
     def embed(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """Pooled embeddings of this tower's features (other keys ignored): [B, n_t, D]."""
@@ -116,7 +117,7 @@ class DMT(nn.Module):
 
     def compress(self, emb: list[torch.Tensor]) -> list[torch.Tensor]:
         """Tower modules: list of [B, n_t, D] -> list of [B, k_t, D]."""
-        return [t.module(e) for t, e in zip(self.towers.values(), emb)]
+        return [t.tm(e) for t, e in zip(self.towers.values(), emb)]
 
     def head(self, dense_BDn: torch.Tensor, tower_out: list[torch.Tensor]) -> torch.Tensor:
         """Global interaction + over arch: [B, Dn], list of [B, k_t, D] -> logits [B]."""

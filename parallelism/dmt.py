@@ -414,11 +414,11 @@ class ShardedDMT(_ShardedBase):
             if src.embedding_bags[f"t_{f}"].weight.device.type != "meta":
                 self.local_ebc.embedding_bags[f"t_{f}"].weight = src.embedding_bags[f"t_{f}"].weight
         self.tower_modules = nn.ModuleDict(
-            {str(t): model.towers[str(t)].module for t in self.host_towers[h]}
+            {str(t): model.towers[str(t)].tm for t in self.host_towers[h]}
         )
         for t in self.host_towers[h]:
-            for n, _ in model.towers[str(t)].module.named_parameters():
-                self.plain_names[f"tower_modules.{t}.{n}"] = f"towers.{t}.module.{n}"
+            for n, _ in model.towers[str(t)].tm.named_parameters():
+                self.plain_names[f"tower_modules.{t}.{n}"] = f"towers.{t}.tm.{n}"
         self.dense_arch, self.over_arch = model.dense_arch, model.over_arch
 
     def forward(self, dense_BDn: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:

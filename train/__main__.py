@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         from train.trainer import Trainer, plan_run
 
         plan = plan_run(job)
-        trainer = Trainer(job, cfg, plan)
+        trainer_cls = plan.spec.trainer() if plan.spec.trainer else Trainer
+        trainer = trainer_cls(job, cfg, plan)
         trainer.fit()
     except (ConfigError, LayoutError, DataError) as exc:
         if os.environ.get("RANK", "0") == "0":

@@ -23,6 +23,10 @@ class ModelSpec:
     finalize: Callable[[nn.Module, ParallelDims], nn.Module]
     loss: Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
     validate: Callable[[object, ParallelDims], None]
+    trainer: Callable[[], type] | None = None
+    """Optional: returns the loop class to run instead of the token ``Trainer`` (same
+    ``__init__(job, cfg, plan)``/``fit``/``close`` interface); such a family also skips the
+    token-data preparation in ``plan_run``."""
 
     def build_and_parallelize(
         self, job: object, dims: ParallelDims, device: torch.device
@@ -78,7 +82,27 @@ def _gpt_spec() -> ModelSpec:
     )
 
 
-MODEL_SPECS: dict[str, Callable[[], ModelSpec]] = {"gpt": _gpt_spec}
+def _recsys_spec(name: str) -> Callable[[], ModelSpec]:
+    """DLRM / DMT: built, sharded and trained by ``train/recsys.py`` (see docs/dmt.md)."""
+
+    def make() -> ModelSpec:
+        from train.recsys import RecsysTrainer, validate_recsys
+
+        def unused(*_: object) -> None:
+            raise NotImplementedError("recommender models are built by train/recsys.py")
+
+        return ModelSpec(
+            name, unused, unused, unused, unused, validate_recsys, lambda: RecsysTrainer
+        )
+
+    return make
+
+
+MODEL_SPECS: dict[str, Callable[[], ModelSpec]] = {
+    "gpt": _gpt_spec,
+    "dlrm": _recsys_spec("dlrm"),
+    "dmt": _recsys_spec("dmt"),
+}
 
 
 def get_model_spec(name: str) -> ModelSpec:
