@@ -65,12 +65,12 @@ def validate_recsys(job: object, dims: object) -> None:
         )
     if m.name == "dmt" and not m.tower_plan and m.num_towers < 1:
         raise LayoutError(f"model.num_towers={m.num_towers} must be >= 1")
-    if m.name == "dmt" and m.tower_plan not in ("", "auto", "round_robin"):
-        if not Path(m.tower_plan).is_file():
-            raise LayoutError(
-                f"model.tower_plan={m.tower_plan!r} is not a file: use auto, round_robin or the "
-                "path of a plan written by a previous run (tower_plan.yaml)"
-            )
+    custom_plan = m.name == "dmt" and m.tower_plan not in ("", "auto", "round_robin")
+    if custom_plan and not Path(m.tower_plan).is_file():
+        raise LayoutError(
+            f"model.tower_plan={m.tower_plan!r} is not a file: use auto, round_robin or the "
+            "path of a plan written by a previous run (tower_plan.yaml)"
+        )
     if job.optim.grad_clip > 0:
         raise LayoutError(
             f"optim.grad_clip={job.optim.grad_clip}: gradient clipping is not implemented for "
@@ -182,7 +182,7 @@ class RecsysTrainer:
     def train_step(self) -> float:
         t = self.job.train
         g = self.data.batch("train", self.step, t.global_batch_size)
-        lo, hi = self._rank_rows(t.global_batch_size)
+        lo, _ = self._rank_rows(t.global_batch_size)
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for k in range(self.n_micro):
