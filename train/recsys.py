@@ -63,8 +63,14 @@ def validate_recsys(job: object, dims: object) -> None:
         raise LayoutError(
             f"model.num_embeddings={m.num_embeddings} < data.cardinality={d.cardinality}"
         )
-    if m.name == "dmt" and not m.tower_plan and m.num_towers < 1:
-        raise LayoutError(f"model.num_towers={m.num_towers} must be >= 1")
+    n_sparse = 26 if d.name == "criteo" else d.num_sparse
+    if m.name == "dmt" and not 1 <= m.num_towers <= n_sparse:
+        raise LayoutError(
+            f"model.num_towers={m.num_towers} must be between 1 and the {n_sparse} sparse features"
+        )
+    from parallelism.topology import Topology
+
+    Topology.from_env(dims.world_size)  # LOCAL_WORLD_SIZE must divide the world size
     custom_plan = m.name == "dmt" and m.tower_plan not in ("", "auto", "round_robin")
     if custom_plan and not Path(m.tower_plan).is_file():
         raise LayoutError(

@@ -139,6 +139,9 @@ def test_recsys_config_errors_name_the_field() -> None:
     job, _ = load_config(["experiment=dlrm_synthetic", "data=stdlib"])
     with pytest.raises(LayoutError, match=r"data.name"):
         plan_run(job)
+    job, _ = load_config(["experiment=dmt_synthetic", "model.num_towers=17"])
+    with pytest.raises(LayoutError, match=r"model.num_towers"):
+        plan_run(job)
     job, _ = load_config(["experiment=dlrm_synthetic", "optim.grad_clip=1.0"])
     with pytest.raises(LayoutError, match=r"optim.grad_clip"):
         plan_run(job)
