@@ -63,6 +63,8 @@ def validate_recsys(job: object, dims: object) -> None:
         raise LayoutError(
             f"model.num_embeddings={m.num_embeddings} < data.cardinality={d.cardinality}"
         )
+    if d.name == "criteo" and not Path(d.path).is_file():
+        raise RecDataError(f"data.path={d.path!r} is not a file: point it at a Criteo TSV")
     n_sparse = 26 if d.name == "criteo" else d.num_sparse
     if m.name == "dmt" and not 1 <= m.num_towers <= n_sparse:
         raise LayoutError(

@@ -34,12 +34,14 @@ from pathlib import Path
 import torch
 from torchrec import KeyedJaggedTensor
 
+from train.data import DataError
+
 CRITEO_DENSE = 13
 CRITEO_SPARSE = 26
 
 
-class RecDataError(ValueError):
-    """Bad data input; the message names the field and the fix."""
+class RecDataError(DataError):
+    """Bad click-data input; the message names the field and the fix."""
 
 
 def feature_names(n: int) -> list[str]:

@@ -145,3 +145,32 @@ def test_recsys_config_errors_name_the_field() -> None:
     job, _ = load_config(["experiment=dlrm_synthetic", "optim.grad_clip=1.0"])
     with pytest.raises(LayoutError, match=r"optim.grad_clip"):
         plan_run(job)
+
+
+def test_criteo_file_trains_through_entry_point(tmp_path) -> None:
+    """A generated Criteo TSV through ``python -m train`` (DMT, 26 features in 2 towers)."""
+    import json
+
+    from train.__main__ import main
+
+    write_fake_criteo(tmp_path / "day.tsv", 120, seed=2)
+    run = tmp_path / "run"
+    args = [
+        "experiment=dmt_synthetic",
+        "data.name=criteo",
+        f"data.path={tmp_path / 'day.tsv'}",
+        "data.val_fraction=0.25",
+        "model.num_towers=2",
+        "model.tower_plan=round_robin",
+        "train.steps=3",
+        "train.global_batch_size=16",
+        "train.micro_batch_size=16",
+        "train.eval_batches=2",
+        f"run.dir={run}",
+        "logging.progress=false",
+        "logging.plot=false",
+    ]
+    assert main(args) == 0
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0.0 <= last["val_auc"] <= 1.0 and last["val_ne"] > 0
+    assert main([*args[:2], "data.path=/no/such.tsv", *args[3:]]) == 2
