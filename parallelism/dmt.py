@@ -33,7 +33,7 @@ on other hosts, in forward and backward, and can inject the delay of a slow inte
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -74,7 +74,6 @@ class Comm:
     cross_host_msgs: int = 0
     intra_host_bytes: int = 0
     injected_s: float = 0.0
-    log: list = field(default_factory=list)
 
     def reset(self) -> None:
         self.cross_host_bytes = self.cross_host_msgs = self.intra_host_bytes = 0

@@ -72,7 +72,12 @@ def validate_recsys(job: object, dims: object) -> None:
         )
     from parallelism.topology import Topology
 
-    Topology.from_env(dims.world_size)  # LOCAL_WORLD_SIZE must divide the world size
+    topo = Topology.from_env(dims.world_size)  # LOCAL_WORLD_SIZE must divide the world size
+    if m.name == "dmt" and dims.world_size > 1 and m.num_towers < topo.hosts:
+        raise LayoutError(
+            f"model.num_towers={m.num_towers} < {topo.hosts} hosts: under SPTT every host holds at "
+            "least one tower; raise model.num_towers"
+        )
     custom_plan = m.name == "dmt" and m.tower_plan not in ("", "auto", "round_robin")
     if custom_plan and not Path(m.tower_plan).is_file():
         raise LayoutError(

@@ -174,3 +174,19 @@ def test_criteo_file_trains_through_entry_point(tmp_path) -> None:
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert 0.0 <= last["val_auc"] <= 1.0 and last["val_ne"] > 0
     assert main([*args[:2], "data.path=/no/such.tsv", *args[3:]]) == 2
+
+
+def test_dmt_topology_errors_before_any_process_group(monkeypatch) -> None:
+    from parallelism.dims import LayoutError
+    from train.cli import load_config
+    from train.trainer import plan_run
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    job, _ = load_config(["experiment=dmt_synthetic"])
+    with pytest.raises(LayoutError, match="LOCAL_WORLD_SIZE"):
+        plan_run(job)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    job, _ = load_config(["experiment=dmt_synthetic", "model.num_towers=2"])
+    with pytest.raises(LayoutError, match=r"model.num_towers=2 < 4 hosts"):
+        plan_run(job)
