@@ -48,6 +48,45 @@ def _plain(kind: str, towers: list[list[str]]):
     return m
 
 
+def _torchrec_tw_err(world: int, plain, mine) -> float:
+    """TorchRec's own table-wise sharding (DistributedModelParallel, gloo, fused CPU kernel) of
+    the same tables: its pooled embeddings must equal the plain lookup that our flat TW is
+    checked against (forward only: the fused kernel updates weights inside backward)."""
+    import torch.distributed as dist
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+    from torchrec.distributed.planner import Topology as TorchRecTopology
+    from torchrec.distributed.planner.types import ParameterConstraints
+
+    ebc = copy.deepcopy(plain.sparse_arch.embedding_bag_collection)
+    cons = {
+        c.name: ParameterConstraints(sharding_types=["table_wise"])
+        for c in ebc.embedding_bag_configs()
+    }
+    planner = EmbeddingShardingPlanner(
+        topology=TorchRecTopology(world_size=world, compute_device="cpu", local_world_size=2),
+        constraints=cons,
+    )
+    sharders = [EmbeddingBagCollectionSharder()]
+    plan = planner.collective_plan(ebc, sharders, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(
+        ebc, device=torch.device("cpu"), plan=plan, sharders=sharders, init_data_parallel=False
+    )
+    full = plain.sparse_arch.embedding_bag_collection.state_dict()
+    with torch.no_grad():
+        for k, st in dmp.state_dict().items():
+            for sh in st.local_shards():
+                r, c = sh.metadata.shard_offsets
+                h, w = sh.tensor.shape
+                sh.tensor.copy_(full[k][r : r + h, c : c + w])
+    out = dmp(mine.sparse)
+    out = out.wait() if hasattr(out, "wait") else out
+    got, ref = out.to_dict(), plain.sparse_arch.embedding_bag_collection(mine.sparse).to_dict()
+    assert sorted(got) == sorted(ref)
+    return max((got[k] - ref[k]).abs().max().item() for k in ref)
+
+
 def _layouts(rank: int, world: int, local_world: int) -> dict:
     from parallelism.dmt import Comm, ShardedDLRM, ShardedDMT, analytic_cross_host_bytes
     from parallelism.topology import Topology, build_host_groups
@@ -97,6 +136,7 @@ def _layouts(rank: int, world: int, local_world: int) -> dict:
             "grad_err": grad_err,
             "weight_err": weight_err,
             "n_local_params": n_local,
+            "torchrec_tw_err": _torchrec_tw_err(world, plain, mine) if kind == "flat" else 0.0,
             "bytes": comm.cross_host_bytes,
             "analytic": analytic_cross_host_bytes(
                 "flat" if kind == "flat" else "sptt", topo, data.names, towers, k, DIM, B
@@ -112,6 +152,7 @@ def test_sptt_and_flat_tw_equal_single_process_2x2() -> None:
     for kind in ("flat", "sptt", "sptt_tm"):
         for r in results:
             assert r[kind]["n_local_params"] > 0
+            assert r[kind]["torchrec_tw_err"] <= 1e-6, (kind, r[kind])
             assert r[kind]["logit_err"] <= 1e-6, (kind, r[kind])
             assert r[kind]["grad_err"] <= 1e-6, (kind, r[kind])
             assert r[kind]["weight_err"] <= 1e-6, (kind, r[kind])
