@@ -15,16 +15,26 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev]"
 	touch $(STAMP)
 
-install: $(STAMP)
+# TorchRec (DLRM/DMT) pairs with torch by minor version. Its metadata pulls an unpinned CUDA
+# fbgemm-gpu that breaks `import fbgemm_gpu` on CPU, so it is installed without deps, next to the
+# CPU fbgemm (on a CUDA box: make FBGEMM=fbgemm-gpu==1.8.0) and its other deps.
+TORCHREC := $(VENV)/.torchrec
+FBGEMM ?= fbgemm-gpu-cpu==1.8.0
+$(TORCHREC): $(STAMP)
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps torchrec==1.8.0 $(FBGEMM)
+	$(BIN)/pip install -q --disable-pip-version-check tensordict==0.15.3 torchmetrics==1.9.0 pyre-extensions==0.0.32
+	touch $(TORCHREC)
 
-train: $(STAMP)
+install: $(STAMP) $(TORCHREC)
+
+train: $(STAMP) $(TORCHREC)
 	$(BIN)/python -m train $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: $(STAMP) lint
+test: $(STAMP) $(TORCHREC) lint
 	$(BIN)/python -m pytest $(ARGS)
 
 format: $(STAMP)

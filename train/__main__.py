@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         from train.trainer import Trainer, plan_run
 
         plan = plan_run(job)
-        trainer = Trainer(job, cfg, plan)
+        trainer_cls = plan.spec.trainer() if plan.spec.trainer else Trainer
+        trainer = trainer_cls(job, cfg, plan)
         trainer.fit()
     except (ConfigError, LayoutError, DataError, CheckpointError) as exc:
         world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -32,8 +32,8 @@ class ModelArgs:
     """A model family and its size. Fields not used by a family are ignored by it."""
 
     name: str = "gpt"
-    """Model family: ``gpt`` (Llama-style decoder) or ``gpt_moe`` (its mixture-of-experts
-    variant, GRIN-style)."""
+    """Model family: ``gpt`` (Llama-style decoder), ``gpt_moe`` (its GRIN mixture-of-experts
+    variant), ``dlrm`` (flat DLRM recommender) or ``dmt`` (disaggregated multi-tower)."""
     vocab_size: int = 256
     """Vocabulary size (256 for the byte-level corpus)."""
     dim: int = 128
@@ -71,6 +71,22 @@ class ModelArgs:
     moe_ffn_hidden: int = 0
     """``gpt_moe``: hidden size of one expert; 0 means ffn_hidden // top_k (the dense model's
     active FFN parameters)."""
+    # -- recommender models (``dlrm``, ``dmt``); ``dim`` is the embedding dimension there --
+    num_embeddings: int = 64
+    """``dlrm``/``dmt``: rows per embedding table (Criteo ids are hashed modulo this)."""
+    dense_layers: list[int] = field(default_factory=lambda: [32])
+    """``dlrm``/``dmt``: hidden sizes of the dense arch (``dim`` is appended)."""
+    over_layers: list[int] = field(default_factory=lambda: [64, 32])
+    """``dlrm``/``dmt``: hidden sizes of the over arch (the 1-logit output is appended)."""
+    num_towers: int = 4
+    """``dmt``: number of towers (each lives on one host under SPTT)."""
+    tower_out: int = 1
+    """``dmt``: embeddings out of each tower module (0: no tower module, SPTT only)."""
+    tower_plan: str = "auto"
+    """``dmt``: ``auto`` (partition from a flat-DLRM warm-up), ``round_robin``, or the path of a
+    pinned plan YAML (every run writes its plan to ``<run.dir>/tower_plan.yaml``)."""
+    partition_warmup_steps: int = 200
+    """``dmt`` with ``tower_plan=auto``: flat-DLRM warm-up steps before partitioning."""
 
 
 @dataclass
@@ -176,6 +192,15 @@ class DataArgs:
     """``stdlib`` only: share of files (chosen by a hash of their path) held out for validation."""
     backend: str = "torch"
     """Loader backend: ``torch``."""
+    # -- click data (``synthetic_clicks``, ``criteo``: data.path is the TSV file) --
+    num_sparse: int = 16
+    """``synthetic_clicks``: categorical features (Criteo: always 26)."""
+    num_dense: int = 4
+    """``synthetic_clicks``: dense features (Criteo: always 13)."""
+    num_groups: int = 4
+    """``synthetic_clicks``: planted interaction groups (equal size)."""
+    cardinality: int = 32
+    """``synthetic_clicks``: ids per categorical feature."""
 
 
 @dataclass

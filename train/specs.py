@@ -26,6 +26,10 @@ class ModelSpec:
     validate: Callable[[object, ParallelDims], None]
     metrics: Callable[[nn.Module], dict] | None = None
     """Optional extra fields for each logged metrics record (e.g. MoE expert load)."""
+    trainer: Callable[[], type] | None = None
+    """Optional: returns the loop class to run instead of the token ``Trainer`` (same
+    ``__init__(job, cfg, plan)``/``fit``/``close`` interface); such a family also skips the
+    token-data preparation in ``plan_run``."""
 
     def build_and_parallelize(
         self, job: object, dims: ParallelDims, device: torch.device
@@ -110,7 +114,28 @@ def _gpt_moe_spec() -> ModelSpec:
     )
 
 
-MODEL_SPECS: dict[str, Callable[[], ModelSpec]] = {"gpt": _gpt_spec, "gpt_moe": _gpt_moe_spec}
+def _recsys_spec(name: str) -> Callable[[], ModelSpec]:
+    """DLRM / DMT: built, sharded and trained by ``train/recsys.py`` (see docs/dmt.md)."""
+
+    def make() -> ModelSpec:
+        from train.recsys import RecsysTrainer, validate_recsys
+
+        def unused(*_: object) -> None:
+            raise NotImplementedError("recommender models are built by train/recsys.py")
+
+        return ModelSpec(
+            name, unused, unused, unused, unused, validate_recsys, lambda: RecsysTrainer
+        )
+
+    return make
+
+
+MODEL_SPECS: dict[str, Callable[[], ModelSpec]] = {
+    "gpt": _gpt_spec,
+    "gpt_moe": _gpt_moe_spec,
+    "dlrm": _recsys_spec("dlrm"),
+    "dmt": _recsys_spec("dmt"),
+}
 
 
 def get_model_spec(name: str) -> ModelSpec:

@@ -42,6 +42,7 @@ class RunPlan:
     dims: ParallelDims
     spec: ModelSpec
     data_dir: Path
+    """Token shard folder; for a spec with its own trainer, ``data.path`` unresolved."""
     n_micro: int
     rank: int
     local_rank: int
@@ -66,7 +67,7 @@ def plan_run(job: JobConfig) -> RunPlan:
     spec = get_model_spec(job.model.name)
     spec.validate(job, dims)
     validate_checkpoint_args(job.checkpoint)
-    data_dir = resolve_data_dir(job.data)
+    data_dir = resolve_data_dir(job.data) if spec.trainer is None else Path(job.data.path)
     return RunPlan(
         dims,
         spec,
