@@ -124,7 +124,7 @@ def _recsys_spec(name: str) -> Callable[[], ModelSpec]:
             raise NotImplementedError("recommender models are built by train/recsys.py")
 
         return ModelSpec(
-            name, unused, unused, unused, unused, validate_recsys, lambda: RecsysTrainer
+            name, unused, unused, unused, unused, validate_recsys, trainer=lambda: RecsysTrainer
         )
 
     return make
