@@ -54,6 +54,7 @@ def parallelize_gpt(model: nn.Module, dims: ParallelDims, job: object) -> nn.Mod
         pipelined = split_model(model, dims, job.parallel.pp_virtual)
         for part in pipelined.parts:
             _parallelize_one(part, dims, job)
+        pipelined.refresh()
         return pipelined
     return _parallelize_one(model, dims, job)
 

@@ -119,8 +119,13 @@ class PipelinedGPT(nn.Module):
         object.__setattr__(self, "parts", list(parts))
         self.stage_ids = stages
         self.n_stages = n_stages
+        self.refresh()
+
+    def refresh(self) -> None:
+        """(Re-)register the stages' current submodules; call after parallelizing the stages
+        (tensor parallelism may replace the embedding/output, wrappers replace blocks)."""
         self.layers = nn.ModuleDict()
-        for part in parts:
+        for part in self.parts:
             self.layers.update(part.layers)
             for name in ("tok_embeddings", "norm", "output"):
                 if getattr(part, name, None) is not None:
@@ -128,6 +133,13 @@ class PipelinedGPT(nn.Module):
 
     def init_tensor(self, name: str, shape: tuple[int, ...], gen: torch.Generator):
         return self.parts[0].init_tensor(name, shape, gen)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> PipelinedGPT:
+        # to_empty()/to() must go through the stage modules: FSDP2 wraps them and re-registers
+        # its sharded parameters in their _apply; reaching a child directly would bypass that.
+        for part in self.parts:
+            part._apply(fn, recurse)
+        return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("a pipelined model runs through PipelineRunner, not model(x)")
