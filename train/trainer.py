@@ -63,6 +63,9 @@ def plan_run(job: JobConfig) -> RunPlan:
         raise LayoutError(f"train.dtype={t.dtype!r} must be 'fp32' or 'bf16'")
     spec = get_model_spec(job.model.name)
     spec.validate(job, dims)
+    from offload.build import validate_offload_args
+
+    validate_offload_args(job.offload)
     data_dir = resolve_data_dir(job.data)
     return RunPlan(
         dims,
@@ -124,7 +127,12 @@ class Trainer:
             OmegaConf.save(cfg, self.run_dir / "config.yaml")
         torch.manual_seed(job.train.seed)
         self.model = plan.spec.build_and_parallelize(job, self.dims, self.device)
-        self.optimizer = build_optimizer(self.model, job.optim)
+        if job.offload.kind != "none":
+            from offload import build_offload_optimizer
+
+            self.optimizer = build_offload_optimizer(self.model, job.optim, job.offload)
+        else:
+            self.optimizer = build_optimizer(self.model, job.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lr_lambda(job.train.warmup_steps, job.train.steps, job.optim.min_lr_ratio),
@@ -195,8 +203,12 @@ class Trainer:
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.forward_backward(self.train_loader.next_batch())
-        grad_norm = clip_grad_norm_(self.model.parameters(), self.job.optim.grad_clip)
-        self.optimizer.step()
+        if getattr(self.optimizer, "owns_grad_clip", False):  # offload: norm/clip/skip inside
+            self.optimizer.step()
+            grad_norm = self.optimizer.last_grad_norm
+        else:
+            grad_norm = clip_grad_norm_(self.model.parameters(), self.job.optim.grad_clip)
+            self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         return loss, grad_norm
