@@ -229,7 +229,24 @@ class OffloadArgs:
     """Optimizer-state offload."""
 
     kind: str = "none"
-    """``none``."""
+    """``none``, ``cpu`` (state in host memory, CPU updates), ``nvme`` (state in NVMe files)
+    or ``interleaved`` (per-subgroup placement chosen by the calibrated performance model)."""
+    nvme_path: str = ""
+    """Folder on a local NVMe/SSD for the NVMe tier (needed by ``nvme`` and budget overflow)."""
+    host_budget_mb: int = 0
+    """Host memory the optimizer state may use (0 = unlimited); the rest goes to NVMe."""
+    device_budget_mb: int = -1
+    """``interleaved``: accelerator memory for resident state (-1 = 40% of free memory)."""
+    subgroup_size: int = 4_194_304
+    """Parameters per subgroup (the unit of placement, transfer and file I/O)."""
+    placement: str = ""
+    """Override: ``device``/``stage``/``cpu``/``nvme`` or a comma list cycled over subgroups."""
+    cpu_kernel: str = "auto"
+    """CPU AdamW kernel: ``auto`` (fastest measured), ``torch_fused``, ``ds_cpu_adam``, ..."""
+    io_backend: str = "auto"
+    """NVMe I/O: ``auto``, ``deepspeed`` (async_io), ``threads`` (O_DIRECT), ``buffered``."""
+    calibration_cache: str = "~/.cache/lattice/offload_calibration.json"
+    """JSON file caching the start-up measurements per machine (empty = always measure)."""
 
 
 @dataclass

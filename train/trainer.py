@@ -67,6 +67,16 @@ def plan_run(job: JobConfig) -> RunPlan:
     spec = get_model_spec(job.model.name)
     spec.validate(job, dims)
     validate_checkpoint_args(job.checkpoint)
+    from offload.build import validate_offload_args
+
+    validate_offload_args(job.offload)
+    if job.offload.kind != "none":
+        for name in ("tp", "pp", "sp", "ep"):
+            if getattr(dims, name) > 1:
+                raise LayoutError(
+                    f"offload.kind={job.offload.kind} with parallel.{name}={getattr(dims, name)} "
+                    "is not supported yet: offload composes with data parallelism only"
+                )
     data_dir = resolve_data_dir(job.data) if spec.trainer is None else Path(job.data.path)
     return RunPlan(
         dims,
@@ -128,7 +138,12 @@ class Trainer:
             OmegaConf.save(cfg, self.run_dir / "config.yaml")
         torch.manual_seed(job.train.seed)
         self.model = plan.spec.build_and_parallelize(job, self.dims, self.device)
-        self.optimizer = build_optimizer(self.model, job.optim)
+        if job.offload.kind != "none":
+            from offload import build_offload_optimizer
+
+            self.optimizer = build_offload_optimizer(self.model, job.optim, job.offload)
+        else:
+            self.optimizer = build_optimizer(self.model, job.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lr_lambda(job.train.warmup_steps, job.train.steps, job.optim.min_lr_ratio),
@@ -234,10 +249,14 @@ class Trainer:
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.forward_backward(self.train_loader.next_batch())
-        pp_group = self.pipeline.pp_group if self.pipeline is not None else None
-        grad_norm = clip_grad_norm_(self.model.parameters(), self.job.optim.grad_clip, pp_group)
         self.ckpt.wait_before_update()  # a lazy snapshot must be on the host before weights change
-        self.optimizer.step()
+        if getattr(self.optimizer, "owns_grad_clip", False):  # offload: norm/clip/skip inside
+            self.optimizer.step()
+            grad_norm = self.optimizer.last_grad_norm
+        else:
+            pp_group = self.pipeline.pp_group if self.pipeline is not None else None
+            grad_norm = clip_grad_norm_(self.model.parameters(), self.job.optim.grad_clip, pp_group)
+            self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         return loss, grad_norm

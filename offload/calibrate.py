@@ -1,0 +1,244 @@
+"""Start-up calibration: measure what the performance model needs, cache it per machine, print it.
+
+Measured (each a median of a few repeats):
+
+* host<->device copy bandwidth (pinned host buffers; on a CPU-only machine a host memcpy);
+* AdamW kernel throughput of every available CPU kernel (torch fused, torch foreach, DeepSpeed
+  CPUAdam when it loads without a build), the fastest is the CPU path's kernel;
+* seconds per parameter of the real device-update and CPU-update code paths of
+  ``InterleavedOptimizer`` (gradient copy-out, kernel, parameter copy-in, norm included);
+* NVMe read and write bandwidth through ``offload.aio`` on subgroup-sized buffers;
+* under contention: the CPU update while the disk reads/writes, and the disk while the CPU
+  updates (both happen at once in the NVMe pipeline).
+
+The figures are cached in a JSON file keyed by host, device, NVMe folder, torch version and
+subgroup size (ZeRO-Infinity and Deep Optimizer States calibrate the same way at start-up).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from offload.aio import AsyncFileIO, aligned_empty
+from offload.kernels import deepspeed_op_ready, make_kernel, time_kernel
+
+DEFAULT_CACHE = "~/.cache/lattice/offload_calibration.json"
+
+
+@dataclass
+class Calibration:
+    """Measured figures (bytes/s, seconds per parameter, parameters/s)."""
+
+    device: str = "cpu"
+    numel: int = 0
+    h2d_bps: float = 0.0
+    d2h_bps: float = 0.0
+    cpu_kernel_params_per_s: dict = field(default_factory=dict)
+    dev_s_per_param: float = 0.0
+    cpu_s_per_param: float = 0.0
+    cpu_s_per_param_io: float = 0.0
+    nvme_read_bps: float = 1.0
+    nvme_write_bps: float = 1.0
+    nvme_read_bps_cpu: float = 1.0
+    nvme_write_bps_cpu: float = 1.0
+    io_backend: str = "none"
+
+    def best_cpu_kernel(self) -> str:
+        """The CPU kernel with the highest measured throughput."""
+        k = self.cpu_kernel_params_per_s
+        return max(k, key=k.get) if k else "torch_fused"
+
+    def table(self) -> str:
+        """A plain-text table of the figures."""
+        gb = lambda x: f"{x / 1e9:8.2f} GB/s"  # noqa: E731
+        rows = [
+            ("device", self.device),
+            ("host->device copy", gb(self.h2d_bps)),
+            ("device->host copy", gb(self.d2h_bps)),
+            *[
+                (f"CPU AdamW kernel {k}", f"{v / 1e6:8.1f} Mparam/s")
+                for k, v in self.cpu_kernel_params_per_s.items()
+            ],
+            ("device update path", f"{1e-6 / self.dev_s_per_param:8.1f} Mparam/s"),
+            ("CPU update path", f"{1e-6 / self.cpu_s_per_param:8.1f} Mparam/s"),
+            ("CPU update path, disk busy", f"{1e-6 / self.cpu_s_per_param_io:8.1f} Mparam/s"),
+            (f"NVMe read ({self.io_backend})", gb(self.nvme_read_bps)),
+            (f"NVMe write ({self.io_backend})", gb(self.nvme_write_bps)),
+            ("NVMe read, CPU busy", gb(self.nvme_read_bps_cpu)),
+            ("NVMe write, CPU busy", gb(self.nvme_write_bps_cpu)),
+        ]
+        w = max(len(a) for a, _ in rows)
+        return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
+
+
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def _copy_bw(src: torch.Tensor, dst: torch.Tensor, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        if dst.is_cuda or src.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        if dst.is_cuda or src.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return src.numel() * 4 / _median(times)
+
+
+def time_placement_step(
+    placement: str, numel: int, device: torch.device, repeats: int = 3, **kw
+) -> float:
+    """Median seconds of ``InterleavedOptimizer.step`` on one subgroup of ``numel`` params."""
+    from offload.optimizer import InterleavedOptimizer
+
+    p = torch.nn.Parameter(torch.randn(numel, device=device))
+    p.grad = torch.randn(numel, device=device)
+    opt = InterleavedOptimizer(
+        [p], lr=1e-3, placement=placement, subgroup_size=numel, max_grad_norm=1.0, **kw
+    )
+    opt.step()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    opt.close()
+    return _median(times)
+
+
+class _Busy:
+    """Run ``fn`` in a loop on a background thread while the ``with`` block runs."""
+
+    def __init__(self, fn) -> None:
+        self.fn, self.stop = fn, threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            self.fn()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *a):
+        self.stop.set()
+        self.thread.join()
+
+
+def _io_bw(io: AsyncFileIO, folder: Path, nbytes: int, repeats: int = 3) -> tuple[float, float]:
+    buf = aligned_empty(nbytes // 4).fill_(1.0)
+    path = folder / f"calib_{os.getpid()}.bin"
+    w, r = [], []
+    try:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            io.write(buf, path).wait()
+            w.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            io.read(buf, path).wait()
+            r.append(time.perf_counter() - t0)
+    finally:
+        path.unlink(missing_ok=True)
+    return nbytes / _median(r), nbytes / _median(w)
+
+
+def measure(device: torch.device, nvme_path: str | None, numel: int = 1 << 22) -> Calibration:
+    """Run every measurement (a few seconds for the default 4M-parameter subgroup)."""
+    cal = Calibration(device=str(device), numel=numel)
+    host = aligned_empty(numel).fill_(1.0)
+    dev = torch.empty(numel, device=device)
+    cal.h2d_bps = _copy_bw(host, dev)
+    cal.d2h_bps = _copy_bw(dev, host)
+    names = ["torch_fused", "torch_foreach"]
+    if deepspeed_op_ready("cpu_adam"):
+        names.append("ds_cpu_adam")
+    for name in names:
+        try:
+            cal.cpu_kernel_params_per_s[name] = numel / time_kernel(make_kernel(name), numel)
+        except RuntimeError:
+            continue
+    kernel = cal.best_cpu_kernel()
+    cal.dev_s_per_param = time_placement_step("device", numel, device) / numel
+    cal.cpu_s_per_param = time_placement_step("cpu", numel, device, cpu_kernel=kernel) / numel
+    cal.cpu_s_per_param_io = cal.cpu_s_per_param
+    if nvme_path:
+        folder = Path(nvme_path) / "calibration"
+        folder.mkdir(parents=True, exist_ok=True)
+        io = AsyncFileIO(folder)
+        cal.io_backend = io.backend
+        nbytes = 12 * numel
+        cal.nvme_read_bps, cal.nvme_write_bps = _io_bw(io, folder, nbytes)
+        k = make_kernel(kernel)
+        p, g, m, v = (torch.rand(numel) for _ in range(4))
+        from offload.kernels import AdamHyper
+
+        h = AdamHyper(1e-3, 0.9, 0.95, 1e-8, 0.0, 1)
+        with _Busy(lambda: k(p, g, m, v, h)):
+            cal.nvme_read_bps_cpu, cal.nvme_write_bps_cpu = _io_bw(io, folder, nbytes)
+        io2 = AsyncFileIO(folder)
+        with _Busy(lambda: _io_bw(io2, folder, nbytes, repeats=1)):
+            cal.cpu_s_per_param_io = (
+                time_placement_step("cpu", numel, device, cpu_kernel=kernel) / numel
+            )
+        io.close()
+        io2.close()
+    return cal
+
+
+def _cache_key(device: torch.device, nvme_path: str | None, numel: int) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return f"{socket.gethostname()}|{name}|{nvme_path or '-'}|torch {torch.__version__}|{numel}"
+
+
+def calibrate(
+    device: torch.device,
+    nvme_path: str | None,
+    numel: int = 1 << 22,
+    cache: str = DEFAULT_CACHE,
+    refresh: bool = False,
+    verbose: bool = True,
+) -> Calibration:
+    """Cached measurements for this machine (measured and stored on the first call).
+
+    Args:
+        cache: JSON file of cached figures (empty string disables the cache).
+        refresh: measure again even when cached.
+    """
+    key = _cache_key(device, nvme_path, numel)
+    path = Path(os.path.expanduser(cache)) if cache else None
+    stored: dict = {}
+    if path is not None and path.exists():
+        try:
+            stored = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            stored = {}
+    if key in stored and not refresh:
+        cal = Calibration(**stored[key])
+    else:
+        cal = measure(device, nvme_path, numel)
+        if path is not None:
+            stored[key] = asdict(cal)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as f:
+                json.dump(stored, f, indent=1)
+            os.replace(f.name, path)
+    if verbose and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        print(f"offload calibration ({key}):\n{cal.table()}", flush=True)
+    return cal

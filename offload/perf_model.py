@@ -1,0 +1,108 @@
+"""The performance model of the update phase and the placement it chooses.
+
+Follows Deep Optimizer States' model: per subgroup of ``n`` parameters, a device update costs
+``n * t_dev``, a CPU update ``n * t_cpu`` (gradient copy-out, kernel, parameter copy-in
+included: ``offload.calibrate`` times the real code path), a staged device update adds
+``12 n / h2d + 12 n / d2h`` of transfers, and an NVMe subgroup adds a read and a write of
+``12 n`` bytes that overlap the neighbouring CPU updates (one read ahead, one write behind),
+simulated event by event on a single disk queue. With ``same_resource`` (no accelerator: the
+"device" is the CPU) everything runs on the same cores, so times add; on an accelerator the
+device timeline runs concurrently with the CPU timeline and the phase ends with the later one.
+
+``plan_placement`` keeps as many subgroups resident on the device as the device budget allows,
+fills host memory up to the host budget, spills the rest to NVMe, and then picks how many
+host-resident subgroups to stage through the device so the predicted time is smallest.
+"""
+
+from __future__ import annotations
+
+from offload.tiers import OffloadConfigError, padded
+
+
+def predict_update_time(
+    numels: list[int], placements: list[str], cal: object, same_resource: bool
+) -> float:
+    """Predicted seconds of one optimizer step (norm included) for these subgroups.
+
+    Args:
+        numels: parameters per subgroup.
+        placements: ``device``/``stage``/``cpu``/``nvme`` per subgroup.
+        cal: an ``offload.calibrate.Calibration``.
+        same_resource: the device is the CPU.
+    """
+    has_io = "nvme" in placements
+    t_cpu = cal.cpu_s_per_param_io if has_io else cal.cpu_s_per_param
+    dev_t = 0.0
+    cpu_t = 0.0
+    disk_free = 0.0
+    nv = [i for i, p in enumerate(placements) if p == "nvme"]
+    read_b = cal.nvme_read_bps_cpu if has_io else cal.nvme_read_bps
+    write_b = cal.nvme_write_bps_cpu if has_io else cal.nvme_write_bps
+    io_bytes = [12 * padded(numels[i]) for i in nv]
+    read_done: dict[int, float] = {}
+    if nv:
+        disk_free = io_bytes[0] / read_b
+        read_done[0] = disk_free
+    k = 0
+    for n, pl in zip(numels, placements):
+        if pl == "device":
+            dev_t += n * cal.dev_s_per_param
+        elif pl == "stage":
+            dev_t += n * cal.dev_s_per_param + 12 * n / cal.h2d_bps + 12 * n / cal.d2h_bps
+        elif pl == "cpu":
+            cpu_t += n * t_cpu
+        else:
+            if k + 1 < len(nv):
+                start = max(cpu_t, disk_free)
+                disk_free = start + io_bytes[k + 1] / read_b
+                read_done[k + 1] = disk_free
+            cpu_t = max(cpu_t, read_done[k]) + n * t_cpu
+            disk_free = max(cpu_t, disk_free) + io_bytes[k] / write_b
+            k += 1
+    cpu_t = max(cpu_t, disk_free)
+    return dev_t + cpu_t if same_resource else max(dev_t, cpu_t)
+
+
+def plan_placement(
+    numels: list[int],
+    cal: object,
+    device_budget_bytes: int,
+    host_budget_bytes: int,
+    has_nvme: bool,
+    same_resource: bool,
+) -> list[str]:
+    """Choose a placement per subgroup from the measured figures and the memory budgets."""
+    out: list[str] = []
+    used_dev = 0
+    for n in numels:
+        b = 12 * padded(n)
+        if used_dev + b <= device_budget_bytes:
+            out.append("device")
+            used_dev += b
+        else:
+            out.append("cpu")
+    if host_budget_bytes > 0:
+        used = 3 * 16 * max((padded(n) for n in numels), default=0)  # staging slots
+        for i, n in enumerate(numels):
+            if out[i] != "cpu":
+                continue
+            if used + 12 * padded(n) <= host_budget_bytes:
+                used += 12 * padded(n)
+            elif has_nvme:
+                out[i] = "nvme"
+            else:
+                raise OffloadConfigError(
+                    f"offload.host_budget_mb={host_budget_bytes / 2**20:.0f} cannot hold the "
+                    "optimizer state left after the device budget: raise it or set "
+                    "offload.nvme_path"
+                )
+    host = [i for i, p in enumerate(out) if p == "cpu"]
+    best, best_t = list(out), predict_update_time(numels, out, cal, same_resource)
+    for k in range(1, len(host) + 1):
+        trial = list(out)
+        for j in range(k):  # spread the staged subgroups evenly among the CPU ones
+            trial[host[(j * len(host)) // k]] = "stage"
+        t = predict_update_time(numels, trial, cal, same_resource)
+        if t < best_t:
+            best, best_t = trial, t
+    return best

@@ -1,0 +1,286 @@
+"""Offload optimizer: equality with torch.optim.AdamW for every placement, NVMe budget spill,
+unusable NVMe paths, skip on non-finite gradients, state_dict round trips, async file I/O."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.gpt import GPT, GPTConfig
+from offload.aio import AsyncFileIO, aligned_empty
+from offload.build import validate_offload_args
+from offload.calibrate import calibrate
+from offload.kernels import deepspeed_op_ready
+from offload.optimizer import InterleavedOptimizer
+from offload.perf_model import plan_placement, predict_update_time
+from offload.tiers import OffloadConfigError
+from parallelism.utils import clip_grad_norm_
+from train.config import OffloadArgs
+
+STEPS, CLIP, LR = 20, 0.5, 3e-3
+
+
+def tiny_gpt(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, max_seq_len=16))
+
+
+def adamw_groups(model: torch.nn.Module) -> list[dict]:
+    ps = list(model.parameters())
+    return [
+        {"params": [p for p in ps if p.ndim >= 2], "weight_decay": 0.1},
+        {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def batch(step: int, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    x = torch.randint(0, 64, (n, 16), generator=g)
+    return x, torch.roll(x, -1, dims=1)
+
+
+def loss_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+
+def train_reference(model: torch.nn.Module, steps: int = STEPS) -> torch.optim.AdamW:
+    opt = torch.optim.AdamW(adamw_groups(model), lr=LR, betas=(0.9, 0.95))
+    for s in range(steps):
+        opt.zero_grad()
+        loss_fn(model, *batch(s)).backward()
+        clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+    return opt
+
+
+def train_offload(model: torch.nn.Module, opt: InterleavedOptimizer, steps=range(STEPS)) -> None:
+    for s in steps:
+        opt.zero_grad()
+        loss_fn(model, *batch(s)).backward()
+        opt.step()
+
+
+def assert_rel_close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-6) -> None:
+    err = (a - b).abs().max().item()
+    scale = b.abs().max().item()
+    assert err <= rel * scale, f"max abs err {err:.3e} > {rel} x {scale:.3e}"
+
+
+def assert_same_as_reference(model, ref, opt=None, ref_opt=None) -> None:
+    for (name, a), b in zip(model.named_parameters(), ref.parameters()):
+        assert not torch.equal(b, tiny_gpt().state_dict()[name]), f"{name} never changed"
+        assert_rel_close(a.detach(), b.detach())
+    if opt is not None:
+        mine, theirs = opt.state_dict()["state"], ref_opt.state_dict()["state"]
+        assert mine.keys() == theirs.keys()
+        for k in theirs:
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert_rel_close(mine[k][key], theirs[k][key], 1e-5)
+            assert float(mine[k]["step"]) == float(theirs[k]["step"])
+
+
+def make_opt(model, placement, tmp_path, **kw) -> InterleavedOptimizer:
+    return InterleavedOptimizer(
+        adamw_groups(model),
+        lr=LR,
+        betas=(0.9, 0.95),
+        placement=placement,
+        subgroup_size=3000,
+        nvme_path=str(tmp_path / "nvme"),
+        max_grad_norm=CLIP,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize(
+    "placement", ["device", "cpu", "nvme", "stage", "device,stage,cpu,nvme", "auto"]
+)
+def test_matches_adamw_over_20_steps(placement: str, tmp_path: Path) -> None:
+    ref = tiny_gpt()
+    ref_opt = train_reference(ref)
+    model = tiny_gpt()
+    kw = {}
+    if placement == "auto":  # budgets force a mix: some resident, some host, some on NVMe
+        kw = dict(
+            calibration=calibrate(
+                torch.device("cpu"), str(tmp_path / "nvme"), 1 << 16, cache="", verbose=False
+            ),
+            device_budget_bytes=100_000,
+            host_budget_bytes=250_000,
+        )
+    opt = make_opt(model, placement, tmp_path, **kw)
+    assert len(opt.subgroups) >= 4
+    if placement == "auto":
+        summary = opt.placement_summary()
+        assert summary.get("device") and summary.get("nvme"), summary
+    train_offload(model, opt)
+    assert_same_as_reference(model, ref, opt, ref_opt)
+
+
+@pytest.mark.skipif(not deepspeed_op_ready("cpu_adam"), reason="DeepSpeed cpu_adam not built")
+def test_deepspeed_cpu_adam_kernel_matches(tmp_path: Path) -> None:
+    ref = tiny_gpt()
+    train_reference(ref)
+    model = tiny_gpt()
+    opt = make_opt(model, "cpu", tmp_path, cpu_kernel="ds_cpu_adam")
+    train_offload(model, opt)
+    assert_same_as_reference(model, ref)
+
+
+def test_state_dict_roundtrip_across_tiers(tmp_path: Path) -> None:
+    """10 steps with state on NVMe, save, restore into a CPU-placed optimizer, 10 more steps:
+    equals 20 uninterrupted AdamW steps; the state dict also loads into torch.optim.AdamW."""
+    ref = tiny_gpt()
+    train_reference(ref)
+    model = tiny_gpt()
+    opt = make_opt(model, "nvme", tmp_path)
+    train_offload(model, opt, range(10))
+    sd = copy.deepcopy(opt.state_dict())
+    plain = torch.optim.AdamW(adamw_groups(tiny_gpt()), lr=LR)
+    plain.load_state_dict(sd)  # torch's own format
+    opt2 = make_opt(model, "device,cpu", tmp_path)
+    opt2.load_state_dict(sd)
+    train_offload(model, opt2, range(10, 20))
+    assert_same_as_reference(model, ref)
+
+
+def test_nonfinite_gradient_skips_whole_step(tmp_path: Path) -> None:
+    model = tiny_gpt()
+    opt = make_opt(model, "device,cpu,nvme", tmp_path)
+    train_offload(model, opt, range(2))
+    before = [p.detach().clone() for p in model.parameters()]
+    state_before = copy.deepcopy(opt.state_dict()["state"])
+    opt.zero_grad()
+    loss_fn(model, *batch(3)).backward()
+    last = list(model.parameters())[-1]
+    last.grad[0, 0] = float("inf")
+    opt.step()
+    assert opt.skipped_steps == 1 and opt.step_count == 2
+    for a, b in zip(model.parameters(), before):
+        assert torch.equal(a, b)
+    for k, s in opt.state_dict()["state"].items():
+        assert torch.equal(s["exp_avg"], state_before[k]["exp_avg"])
+
+
+def test_host_budget_smaller_than_state_trains_through_nvme(tmp_path: Path) -> None:
+    ref = tiny_gpt()
+    train_reference(ref)
+    model = tiny_gpt()
+    state_bytes = 12 * sum(p.numel() for p in model.parameters())
+    opt = make_opt(model, "cpu", tmp_path, host_budget_bytes=state_bytes // 2)
+    summary = opt.placement_summary()
+    assert summary.get("nvme", 0) >= 1 and summary.get("cpu", 0) >= 1, summary
+    assert list((tmp_path / "nvme" / "rank00000").glob("subgroup_*.bin"))
+    train_offload(model, opt)
+    assert_same_as_reference(model, ref)
+
+
+def test_host_budget_without_nvme_path_is_a_clear_error() -> None:
+    with pytest.raises(OffloadConfigError, match=r"offload.host_budget_mb=.*offload.nvme_path"):
+        InterleavedOptimizer(tiny_gpt().parameters(), placement="cpu", host_budget_bytes=1 << 10)
+
+
+def test_unwritable_nvme_path_fails_before_first_step(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    args = OffloadArgs(kind="nvme", nvme_path=str(blocker / "nvme"))
+    with pytest.raises(OffloadConfigError, match=r"offload.nvme_path=.*not writable"):
+        validate_offload_args(args)
+    model = tiny_gpt()
+    with pytest.raises(OffloadConfigError, match=r"offload\.nvme_path"):
+        InterleavedOptimizer(model.parameters(), placement="nvme", nvme_path=args.nvme_path)
+
+
+def test_read_only_mount_is_rejected(tmp_path: Path) -> None:
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        with pytest.raises(OffloadConfigError, match=r"offload.nvme_path=.*not writable"):
+            validate_offload_args(OffloadArgs(kind="nvme", nvme_path=str(mnt / "x")))
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_full_disk_fails_before_first_step(tmp_path: Path, monkeypatch) -> None:
+    """Free space is checked against the bytes the NVMe tier needs before anything changes."""
+    import offload.tiers as tiers
+
+    real = tiers.shutil.disk_usage
+    monkeypatch.setattr(tiers.shutil, "disk_usage", lambda p: real(p)._replace(free=64 << 10))
+    model = tiny_gpt()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(OffloadConfigError, match=r"offload.nvme_path=.*MiB free but"):
+        make_opt(model, "nvme", tmp_path)
+    for a, b in zip(model.parameters(), before):
+        assert torch.equal(a, b)
+
+
+def test_full_tmpfs_fails_before_first_step(tmp_path: Path) -> None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount a tiny tmpfs here (needs root)")
+    try:
+        with pytest.raises(OffloadConfigError, match=r"offload\.nvme_path"):
+            InterleavedOptimizer(tiny_gpt().parameters(), placement="nvme", nvme_path=str(mnt))
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.mark.parametrize("backend", ["threads", "buffered", "deepspeed"])
+def test_async_io_roundtrip(backend: str, tmp_path: Path) -> None:
+    if backend == "deepspeed" and not deepspeed_op_ready("async_io"):
+        pytest.skip("DeepSpeed async_io not built")
+    io = AsyncFileIO(tmp_path, backend)
+    if backend == "threads" and not io.direct:
+        pytest.skip("no O_DIRECT on this filesystem")
+    src = aligned_empty(3 << 20).copy_(torch.randn(3 << 20))
+    dst = aligned_empty(3 << 20).zero_()
+    io.write(src, tmp_path / "f.bin", 4096).wait()
+    io.read(dst, tmp_path / "f.bin", 4096).wait()
+    io.close()
+    assert torch.equal(src, dst) and io.backend == backend
+
+
+def test_buffered_fallback_without_o_direct(tmp_path: Path, monkeypatch) -> None:
+    """Filesystems that reject O_DIRECT (EINVAL: older tmpfs, overlayfs) get the buffered pool."""
+    import offload.aio as aio
+
+    monkeypatch.setattr(aio, "probe_direct_io", lambda folder: False)
+    io = AsyncFileIO(tmp_path)
+    assert io.backend == "buffered" and not io.direct
+    src = aligned_empty(1 << 16).copy_(torch.randn(1 << 16))
+    dst = aligned_empty(1 << 16).zero_()
+    io.write(src, tmp_path / "b.bin").wait()
+    io.read(dst, tmp_path / "b.bin").wait()
+    io.close()
+    assert torch.equal(src, dst)
+
+
+def test_perf_model_respects_budgets_and_prefers_faster_placement() -> None:
+    from offload.calibrate import Calibration
+
+    cal = Calibration(
+        h2d_bps=20e9,
+        d2h_bps=20e9,
+        dev_s_per_param=1e-10,
+        cpu_s_per_param=4e-9,
+        cpu_s_per_param_io=5e-9,
+        nvme_read_bps=2e9,
+        nvme_write_bps=1e9,
+        nvme_read_bps_cpu=2e9,
+        nvme_write_bps_cpu=1e9,
+    )
+    n = [1 << 20] * 8
+    plan = plan_placement(n, cal, 2 * 12 * (1 << 20), 3 * 12 * (1 << 20) + (1 << 26), True, False)
+    assert plan[:2] == ["device", "device"] and "nvme" in plan
+    t = {p: predict_update_time(n, [p] * 8, cal, False) for p in ("device", "cpu", "nvme")}
+    assert t["device"] < t["cpu"] < t["nvme"]
+    # on a GPU, staging some host subgroups through the device beats all-CPU
+    assert "stage" in plan_placement(n, cal, 0, 0, False, False)
