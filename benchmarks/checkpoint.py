@@ -2,9 +2,9 @@
 
 One process, one model (Llama-style GPT, ~50M params; AdamW state: ~600 MB to save), the same
 step for every method. Per method and repeat: train to a steady state, checkpoint after an
-optimizer step, keep training; the stall is the sum over the following iterations of (iteration
-time - no-checkpoint median) until an iteration is back within 5% of the median. Also: time to
-durable (call -> committed and fsynced), peak extra host RSS while it runs, and checkpoint bytes
+optimizer step, keep training; the stall is the time of the save call plus the following
+``--after`` iterations, minus the same number of iterations run right after without a checkpoint
+(a paired control, so load from other processes cancels). Also: time to durable (call -> committed and fsynced), peak extra host RSS while it runs, and checkpoint bytes
 per second of stall. Training uses one intra-op thread so a core is free for background work,
 as the accelerator leaves the host CPUs free in the setting DataStates-LLM targets.
 
@@ -143,12 +143,12 @@ def main() -> None:
             if method == "ours" and mgr.job is not None:
                 mgr.wait()
                 durable.append(mgr.stats[-1]["durable_s"])
-        stall, extra = first, [first]
-        for t in times:
-            if t <= base * 1.05:
-                break
-            stall += t - base
-            extra.append(t - base)
+        # Paired control: the same number of iterations without a checkpoint, right after.
+        # The stall is the difference of the two sums, so background load that slows both
+        # cancels out instead of being counted as checkpoint stall.
+        control = [step() for _ in range(a.after)]
+        stall = max(0.0, first + sum(times) - sum(control))
+        extra = [t - c for t, c in zip(times, control)]
         shutil.rmtree(out, ignore_errors=True)
         return {
             "stall_s": stall,

@@ -174,6 +174,12 @@ def _jsonable(obj: Any) -> Any:
 
 
 # -- the manager ------------------------------------------------------------------------------
+def _local_numel(p: torch.Tensor) -> int:
+    from torch.distributed.tensor import DTensor
+
+    return p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+
+
 class Manager:
     """Checkpoint saving and resuming for one rank of a run.
 
@@ -227,6 +233,10 @@ class Manager:
     ) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.loader, self.rng = train_loader, rng
+        if self.args.enabled and self.args.mode != "sync":
+            # Parameters + Adam's two moments: the usual size of this rank's shard.
+            local = sum(_local_numel(p) * p.element_size() for p in model.parameters())
+            self.engine.reserve(3 * local)
 
     def maybe_resume(
         self,
