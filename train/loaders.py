@@ -351,9 +351,7 @@ class DaliRecLoader(RecLoader):
             )
             prob = prob.reshape(-1)
             out.append(
-                RecBatch(
-                    dense, kjt, labels.reshape(-1), None if torch.isnan(prob).any() else prob
-                )
+                RecBatch(dense, kjt, labels.reshape(-1), None if torch.isnan(prob).any() else prob)
             )
         self.consumed += self.global_batch
         self._pipe_pos = self.consumed
@@ -367,7 +365,13 @@ class DaliRecLoader(RecLoader):
 
 
 def build_rec_loader(
-    data_args: Any, data: Any, split: str, global_batch: int, micro_batch: int, rank: int, world: int
+    data_args: Any,
+    data: Any,
+    split: str,
+    global_batch: int,
+    micro_batch: int,
+    rank: int,
+    world: int,
 ) -> RecLoader:
     """The click loader ``data.backend`` names (``torch`` or ``dali``)."""
     if data_args.backend == "dali":
