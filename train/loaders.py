@@ -46,6 +46,7 @@ class _TokenSource:
 
     def __call__(self, info: Any) -> np.ndarray:
         if self._loader is None:
+            _worker_init()
             tokens = np.memmap(self.path, dtype=self.dtype, mode="r")
             self._loader = TokenLoader(TokenShards(tokens, self.vocab), **self.args)
         ld, a = self._loader, self.args
@@ -60,6 +61,12 @@ class _TokenSource:
         )
         j, S = ld._sample_index(g), a["seq_len"]
         return np.ascontiguousarray(ld.shards.tokens[j * S : j * S + S + 1])
+
+
+def _worker_init() -> None:
+    """A forked worker must not enter the parent's OpenMP pool (it can hang after fork): one
+    intra-op thread, as torch's own DataLoader workers do."""
+    torch.set_num_threads(1)
 
 
 def _start_method() -> str:
@@ -264,6 +271,8 @@ class _RecSource:
 
     def __call__(self, info: Any) -> tuple[list, list, list, list]:
         a = self.args
+        if self._cache is None:
+            _worker_init()
         per_rank = a["global_batch"] // a["dp_size"]
         step, m = divmod(info.iteration, per_rank // a["micro_batch"])
         k = self.start // a["global_batch"] + step
