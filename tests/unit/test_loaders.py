@@ -246,3 +246,18 @@ def test_apex_wiring_with_a_stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
     ]
     opt = build_optimizer(model, OptimArgs(impl="apex_fused_adam"))
     assert isinstance(opt, FusedAdam)
+
+
+def test_trainer_runs_the_same_on_either_backend(tiny_data: str, tmp_path: Path) -> None:
+    """The trainer does not care which backend feeds it: identical losses and weights (the
+    validation loader's rewind rebuilds the DALI pipeline mid-run)."""
+    from tests.trainer_utils import run_trainer
+
+    common = [f"data.path={tiny_data}", "train.steps=4", "train.eval_every=2"]
+    ref = run_trainer([*common, f"run.dir={tmp_path / 't'}", "data.backend=torch"])
+    got = run_trainer(
+        [*common, f"run.dir={tmp_path / 'd'}", "data.backend=dali", "data.loader_threads=1"]
+    )
+    assert ref["losses"] == got["losses"] and ref["val_loss"] == got["val_loss"]
+    for k, v in ref["weights"].items():
+        assert torch.equal(v, got["weights"][k]), k
