@@ -141,7 +141,7 @@ class OptimArgs:
     """Clip the global gradient norm to this value (0 disables clipping)."""
     impl: str = "auto"
     """Kernel: ``auto`` (fused where supported, else foreach), ``fused``, ``foreach``,
-    ``for_loop``."""
+    ``for_loop``, or ``apex_fused_adam`` (NVIDIA apex's FusedAdam; needs apex, docs/data.md)."""
 
 
 @dataclass
