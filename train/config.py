@@ -141,7 +141,7 @@ class OptimArgs:
     """Clip the global gradient norm to this value (0 disables clipping)."""
     impl: str = "auto"
     """Kernel: ``auto`` (fused where supported, else foreach), ``fused``, ``foreach``,
-    ``for_loop``."""
+    ``for_loop``, or ``apex_fused_adam`` (NVIDIA apex's FusedAdam; needs apex, docs/data.md)."""
 
 
 @dataclass
@@ -191,7 +191,12 @@ class DataArgs:
     val_fraction: float = 0.05
     """``stdlib`` only: share of files (chosen by a hash of their path) held out for validation."""
     backend: str = "torch"
-    """Loader backend: ``torch``."""
+    """Loader backend: ``torch`` (in-process) or ``dali`` (NVIDIA DALI pipeline; needs the
+    ``dali`` extra). Both yield identical batches (see docs/data.md)."""
+    prefetch: int = 2
+    """``dali``: batches the pipeline prepares ahead of the trainer (prefetch queue depth)."""
+    loader_threads: int = 2
+    """``dali``: worker processes reading samples (and DALI CPU threads)."""
     # -- click data (``synthetic_clicks``, ``criteo``: data.path is the TSV file) --
     num_sparse: int = 16
     """``synthetic_clicks``: categorical features (Criteo: always 26)."""

@@ -32,6 +32,7 @@ from models.dmt import DMT
 from models.partitioner import TowerPlan, contiguous_plan, interaction_affinity, plan_from_affinity
 from parallelism.dims import LayoutError
 from parallelism.init import materialize_and_init_
+from train.loaders import build_rec_loader
 from train.metrics import MetricsLogger, plot_loss
 from train.recsys_data import CriteoTSV, RecDataError, SyntheticClicks
 from train.recsys_metrics import auc, normalized_entropy
@@ -165,6 +166,15 @@ class RecsysTrainer:
             lr_lambda(job.train.warmup_steps, job.train.steps, job.optim.min_lr_ratio),
         )
         self.n_micro = plan.n_micro
+        self.train_loader = build_rec_loader(  # global batch k = data.batch("train", k)
+            job.data,
+            self.data,
+            "train",
+            job.train.global_batch_size,
+            job.train.micro_batch_size,
+            self.rank,
+            self.world,
+        )
         self.metrics = MetricsLogger(
             self.run_dir, self.rank == 0, job.train.steps, job.logging.progress
         )
@@ -194,13 +204,9 @@ class RecsysTrainer:
 
     def train_step(self) -> float:
         t = self.job.train
-        g = self.data.batch("train", self.step, t.global_batch_size)
-        lo, _ = self._rank_rows(t.global_batch_size)
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for k in range(self.n_micro):
-            a = lo + k * t.micro_batch_size
-            mb = g.slice(a, a + t.micro_batch_size)
+        for mb in self.train_loader.next_batch():
             loss = (
                 F.binary_cross_entropy_with_logits(
                     self.model(mb.dense, mb.sparse), mb.labels, reduction="sum"

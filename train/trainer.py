@@ -31,7 +31,10 @@ from parallelism.ulysses import sequence_slice
 from parallelism.utils import all_reduce_mean, clip_grad_norm_
 from train.config import JobConfig
 from train.data import TokenLoader, TokenShards, resolve_data_dir
+from train.kernels import apply_fused_rmsnorm, build_apex_fused_adam, describe_kernels
+from train.loaders import build_token_loader
 from train.metrics import MetricsLogger, plot_loss
+from train.optional import check_optional_packages
 from train.specs import ModelSpec, get_model_spec
 
 
@@ -77,6 +80,7 @@ def plan_run(job: JobConfig) -> RunPlan:
                     f"offload.kind={job.offload.kind} with parallel.{name}={getattr(dims, name)} "
                     "is not supported yet: offload composes with data parallelism only"
                 )
+    check_optional_packages(job)  # data.backend=dali / optim.impl=apex_fused_adam installed?
     data_dir = resolve_data_dir(job.data) if spec.trainer is None else Path(job.data.path)
     return RunPlan(
         dims,
@@ -119,8 +123,12 @@ def build_optimizer(model: nn.Module, optim: object) -> torch.optim.Optimizer:
         kw["foreach"] = True
     elif impl == "for_loop":
         kw["foreach"] = False
+    elif impl == "apex_fused_adam":
+        return build_apex_fused_adam(groups, kw)
     else:
-        raise LayoutError(f"optim.impl={optim.impl!r}: use auto, fused, foreach or for_loop")
+        raise LayoutError(
+            f"optim.impl={optim.impl!r}: use auto, fused, foreach, for_loop or apex_fused_adam"
+        )
     return torch.optim.AdamW(groups, **kw)
 
 
@@ -138,6 +146,7 @@ class Trainer:
             OmegaConf.save(cfg, self.run_dir / "config.yaml")
         torch.manual_seed(job.train.seed)
         self.model = plan.spec.build_and_parallelize(job, self.dims, self.device)
+        self.fused_norms = apply_fused_rmsnorm(self.model) if self.dims.tp == 1 else 0
         if job.offload.kind != "none":
             from offload import build_offload_optimizer
 
@@ -199,7 +208,8 @@ class Trainer:
         t, d = self.job.train, self.dims
         coord = d.coordinate(self.plan.rank)
         dp_rank = coord["dp_replicate"] * d.dp_shard + coord["dp_shard"]
-        mk = lambda split, shuffle: TokenLoader(  # noqa: E731
+        mk = lambda split, shuffle: build_token_loader(  # noqa: E731
+            self.job.data,
             TokenShards.open(self.plan.data_dir, split),
             t.seq_len,
             t.global_batch_size,
@@ -296,6 +306,7 @@ class Trainer:
             f"model: {self.plan.spec.describe(self.model)} | layout: {self.dims.mesh_shape} "
             f"(pp, dp_replicate, dp_shard, sp, tp) | micro-batches/step: {self.plan.n_micro}"
         )
+        self.metrics.write(describe_kernels(self.job, self.fused_norms))
         start, last = time.perf_counter(), {}
         while self.step < t.steps:
             t0 = time.perf_counter()
