@@ -9,6 +9,7 @@ validation by a hash of their relative path, so adding files never reshuffles th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -32,8 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         files = collect_text_files(args.inputs, tuple(args.suffix or (".txt", ".py", ".md")))
-        common = Path(*Path(files[0]).parts[:1]) if files else None
-        train, val = split_bytes(files, common, args.val_fraction, args.max_bytes)
+        # Split by paths relative to the inputs, so the split does not depend on where they live.
+        dirs = [str(p.resolve() if p.is_dir() else p.resolve().parent) for p in args.inputs]
+        root = Path(os.path.commonpath(dirs))
+        train, val = split_bytes(
+            [f.resolve() for f in files], root, args.val_fraction, args.max_bytes
+        )
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
