@@ -61,6 +61,41 @@ def torch_fused(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tens
     )
 
 
+def apply_multi(
+    kernel: KernelFn,
+    ps: list[torch.Tensor],
+    gs: list[torch.Tensor],
+    ms: list[torch.Tensor],
+    vs: list[torch.Tensor],
+    h: AdamHyper,
+) -> None:
+    """Apply ``kernel`` to lists of flat tensors (one call for torch's multi-tensor kernels).
+
+    Args:
+        ps, gs, ms, vs: per-parameter flat fp32 tensors, ``ps[i].shape == gs[i].shape == (n_i,)``.
+    """
+    if kernel is torch_fused:
+        step = torch.tensor(float(h.step), device=ps[0].device)
+        torch._fused_adamw_(
+            ps,
+            gs,
+            ms,
+            vs,
+            [],
+            [step] * len(ps),
+            lr=h.lr,
+            beta1=h.beta1,
+            beta2=h.beta2,
+            weight_decay=h.weight_decay,
+            eps=h.eps,
+            amsgrad=False,
+            maximize=False,
+        )
+        return
+    for p, g, m, v in zip(ps, gs, ms, vs):
+        kernel(p, g, m, v, h)
+
+
 def torch_foreach(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, h: AdamHyper):
     """The same update through ``torch.optim.adamw``'s foreach implementation (any device)."""
     from torch.optim.adamw import adamw
