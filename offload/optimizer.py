@@ -188,6 +188,11 @@ class InterleavedOptimizer(torch.optim.Optimizer):
             sg.placement = pl
         slot_bytes = 4 * max_pad * 4  # state (3 rows) + gradient
         apply_host_budget(self.subgroups, host_budget_bytes, N_SLOTS * slot_bytes, bool(nvme_path))
+        if io_backend == "auto" and getattr(self.calibration, "io_backend", "none") in (
+            "threads",
+            "deepspeed",
+        ):
+            io_backend = self.calibration.io_backend  # the faster one measured here
         self._setup_storage(nvme_path, io_backend, io_threads, max_pad)
 
     # -- set-up ---------------------------------------------------------------------------------
