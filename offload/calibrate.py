@@ -100,7 +100,7 @@ def _copy_bw(src: torch.Tensor, dst: torch.Tensor, repeats: int = 5) -> float:
 
 
 def time_placement_step(
-    placement: str, numel: int, device: torch.device, repeats: int = 3, **kw
+    placement: str, numel: int, device: torch.device, repeats: int = 5, **kw
 ) -> float:
     """Median seconds of ``InterleavedOptimizer.step`` on one subgroup of ``numel`` params."""
     from offload.optimizer import InterleavedOptimizer
