@@ -154,20 +154,29 @@ class _Busy:
 
 
 def _io_bw(io: AsyncFileIO, folder: Path, nbytes: int, repeats: int = 3) -> tuple[float, float]:
+    """(read, write) bytes/s moving subgroup-sized blocks one at a time, as the pipeline does.
+
+    Each pass covers >= 256 MB over several files (at most 16): a single small file written and
+    read back at once can be served from a (virtual) disk's cache and overstate the bandwidth.
+    """
+    k = max(1, min(16, -(-(256 << 20) // nbytes)))
     buf = aligned_empty(nbytes // 4).fill_(1.0)
-    path = folder / f"calib_{os.getpid()}.bin"
+    paths = [folder / f"calib_{os.getpid()}_{threading.get_ident()}_{i}.bin" for i in range(k)]
     w, r = [], []
     try:
         for _ in range(repeats):
             t0 = time.perf_counter()
-            io.write(buf, path).wait()
+            for path in paths:
+                io.write(buf, path).wait()
             w.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            io.read(buf, path).wait()
+            for path in paths:
+                io.read(buf, path).wait()
             r.append(time.perf_counter() - t0)
     finally:
-        path.unlink(missing_ok=True)
-    return nbytes / _median(r), nbytes / _median(w)
+        for path in paths:
+            path.unlink(missing_ok=True)
+    return k * nbytes / _median(r), k * nbytes / _median(w)
 
 
 def measure(device: torch.device, nvme_path: str | None, numel: int = 1 << 22) -> Calibration:
