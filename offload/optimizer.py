@@ -257,12 +257,16 @@ class InterleavedOptimizer(torch.optim.Optimizer):
         (FSDP owns it) and are copied as usual."""
         if self.device.type != "cpu" or sg.placement != "cpu":
             return
-        if any(hasattr(p, "to_local") or p.dtype != torch.float32 for p in sg.params):
+        if any(
+            hasattr(p, "to_local") or p.dtype != torch.float32 or hasattr(p, "_offload_row")
+            for p in sg.params
+        ):  # DTensor, low precision, or already owned by another optimizer's subgroup
             return
         for p, off in zip(sg.params, sg.offsets):
             view = sg.state[0, off : off + p.numel()].view_as(p)
             view.copy_(p.detach())
             p.data = view
+            p._offload_row = True
         sg.extra["aliased"] = True
 
     def _has_device(self) -> bool:
