@@ -61,6 +61,41 @@ def torch_fused(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tens
     )
 
 
+def apply_multi(
+    kernel: KernelFn,
+    ps: list[torch.Tensor],
+    gs: list[torch.Tensor],
+    ms: list[torch.Tensor],
+    vs: list[torch.Tensor],
+    h: AdamHyper,
+) -> None:
+    """Apply ``kernel`` to lists of flat tensors (one call for torch's multi-tensor kernels).
+
+    Args:
+        ps, gs, ms, vs: per-parameter flat fp32 tensors, ``ps[i].shape == gs[i].shape == (n_i,)``.
+    """
+    if kernel is torch_fused:
+        step = torch.tensor(float(h.step), device=ps[0].device)
+        torch._fused_adamw_(
+            ps,
+            gs,
+            ms,
+            vs,
+            [],
+            [step] * len(ps),
+            lr=h.lr,
+            beta1=h.beta1,
+            beta2=h.beta2,
+            weight_decay=h.weight_decay,
+            eps=h.eps,
+            amsgrad=False,
+            maximize=False,
+        )
+        return
+    for p, g, m, v in zip(ps, gs, ms, vs):
+        kernel(p, g, m, v, h)
+
+
 def torch_foreach(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, h: AdamHyper):
     """The same update through ``torch.optim.adamw``'s foreach implementation (any device)."""
     from torch.optim.adamw import adamw
@@ -173,3 +208,31 @@ def time_kernel(kernel: KernelFn, numel: int, device: str = "cpu", repeats: int 
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
+
+
+def rank_kernels(names: list[str], numel: int, repeats: int = 9) -> dict[str, float]:
+    """Params/s of each named CPU kernel on ``numel`` fp32 parameters.
+
+    The kernels' calls are interleaved round-robin (so load from other processes hits them
+    alike) and the median per kernel is kept; a kernel that cannot be made is left out.
+    """
+    kernels = {}
+    for name in names:
+        try:
+            kernels[name] = make_kernel(name)
+        except RuntimeError:
+            continue
+    gen = torch.Generator().manual_seed(0)
+    p, g = torch.randn(numel, generator=gen), torch.randn(numel, generator=gen)
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    h = AdamHyper(1e-3, 0.9, 0.95, 1e-8, 0.1, 1)
+    times: dict[str, list[float]] = {k: [] for k in kernels}
+    for r in range(repeats + 1):
+        order = list(kernels) if r % 2 == 0 else list(reversed(kernels))
+        for name in order:
+            h.step = r + 1
+            t0 = time.perf_counter()
+            kernels[name](p, g, m, v, h)
+            if r:  # the first round is a warm-up
+                times[name].append(time.perf_counter() - t0)
+    return {k: numel / sorted(t)[len(t) // 2] for k, t in times.items()}

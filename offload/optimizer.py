@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from offload.aio import AsyncFileIO, Ticket, aligned_empty
-from offload.kernels import AdamHyper, make_kernel, torch_fused
+from offload.kernels import AdamHyper, apply_multi, make_kernel, torch_fused
 from offload.tiers import (
     PLACEMENTS,
     OffloadConfigError,
@@ -188,6 +188,11 @@ class InterleavedOptimizer(torch.optim.Optimizer):
             sg.placement = pl
         slot_bytes = 4 * max_pad * 4  # state (3 rows) + gradient
         apply_host_budget(self.subgroups, host_budget_bytes, N_SLOTS * slot_bytes, bool(nvme_path))
+        if io_backend == "auto" and getattr(self.calibration, "io_backend", "none") in (
+            "threads",
+            "deepspeed",
+        ):
+            io_backend = self.calibration.io_backend  # the faster one measured here
         self._setup_storage(nvme_path, io_backend, io_threads, max_pad)
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -242,7 +247,27 @@ class InterleavedOptimizer(torch.optim.Optimizer):
                 reserve_file(sg.file, sg.state_bytes, "offload.nvme_path")
             else:
                 sg.state = allocate_state(sg, self.device)
+                self._alias_host_params(sg)
             self._reset_state(sg)
+
+    def _alias_host_params(self, sg: Subgroup) -> None:
+        """On a CPU-resident model, make plain fp32 parameters of a ``cpu`` subgroup views of
+        its master-weight row (DeepSpeed's flat-buffer trick): the CPU update then writes the
+        parameters directly, with no copy back. DTensor (FSDP2) parameters keep their storage
+        (FSDP owns it) and are copied as usual."""
+        if self.device.type != "cpu" or sg.placement != "cpu":
+            return
+        if any(
+            hasattr(p, "to_local") or p.dtype != torch.float32 or hasattr(p, "_offload_row")
+            for p in sg.params
+        ):  # DTensor, low precision, or already owned by another optimizer's subgroup
+            return
+        for p, off in zip(sg.params, sg.offsets):
+            view = sg.state[0, off : off + p.numel()].view_as(p)
+            view.copy_(p.detach())
+            p.data = view
+            p._offload_row = True
+        sg.extra["aliased"] = True
 
     def _has_device(self) -> bool:
         return any(sg.placement == "device" for sg in self.subgroups)
@@ -250,8 +275,11 @@ class InterleavedOptimizer(torch.optim.Optimizer):
     def _reset_state(self, sg: Subgroup, moments: tuple | None = None) -> None:
         """Master := current parameters; moments := zeros or the given per-param tensors."""
         buf = sg.state if sg.state is not None else _rows(self._state_slots[0], sg)
-        buf.zero_()
-        gather_flat([p.detach() for p in sg.locals()], sg, buf[0])
+        if sg.extra.get("aliased"):  # row 0 *is* the parameters
+            buf[1:].zero_()
+        else:
+            buf.zero_()
+            gather_flat([p.detach() for p in sg.locals()], sg, buf[0])
         if moments is not None:
             gather_flat(moments[0], sg, buf[1])
             gather_flat(moments[1], sg, buf[2])
@@ -319,13 +347,31 @@ class InterleavedOptimizer(torch.optim.Optimizer):
 
     def _update_on_cpu(self, sg: Subgroup, state: torch.Tensor, slot: int, coef) -> None:
         n = sg.numel
-        g = gather_flat(self._grads(sg), sg, self._grad_slots[slot])
+        grads = self._grads(sg)
+        if sg.extra.get("aliased") and all(
+            g.dtype == torch.float32 and g.is_contiguous() for g in grads
+        ):
+            # Host-resident model: update the parameters in place from their own gradients
+            # (no gradient copy, no copy back). Clipping scales the gradients in place, as
+            # torch.nn.utils.clip_grad_norm_ does.
+            if coef is not None and coef.item() < 1.0:
+                torch._foreach_mul_(grads, coef.item())
+            views = [
+                [state[r, off : off + g.numel()] for g, off in zip(grads, sg.offsets)]
+                for r in range(3)
+            ]
+            apply_multi(
+                self.cpu_kernel, views[0], [g.view(-1) for g in grads], *views[1:], self._hyper(sg)
+            )
+            return
+        g = gather_flat(grads, sg, self._grad_slots[slot])
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # d2h copies landed
         if coef is not None:
             g.mul_(coef.cpu())
         self.cpu_kernel(state[0, :n], g, state[1, :n], state[2, :n], self._hyper(sg))
-        scatter_flat(state[0], sg, sg.locals())
+        if not sg.extra.get("aliased"):
+            scatter_flat(state[0], sg, sg.locals())
 
     def _host_pipeline(self, host: list[Subgroup], coef) -> None:
         """Update host subgroups in order; NVMe ones read one ahead and written one behind."""

@@ -5,7 +5,9 @@ Follows Deep Optimizer States' model: per subgroup of ``n`` parameters, a device
 included: ``offload.calibrate`` times the real code path), a staged device update adds
 ``12 n / h2d + 12 n / d2h`` of transfers, and an NVMe subgroup adds a read and a write of
 ``12 n`` bytes that overlap the neighbouring CPU updates (one read ahead, one write behind),
-simulated event by event on a single disk queue. With ``same_resource`` (no accelerator: the
+simulated event by event with one read queue and one write queue (the pipeline keeps a read
+and a write in flight at once). The disk bandwidth is a blend of the figures measured with the
+CPU busy and idle, weighted by the share of I/O time that CPU updates can cover. With ``same_resource`` (no accelerator: the
 "device" is the CPU) everything runs on the same cores, so times add; on an accelerator the
 device timeline runs concurrently with the CPU timeline and the phase ends with the later one.
 
@@ -34,15 +36,21 @@ def predict_update_time(
     t_cpu = cal.cpu_s_per_param_io if has_io else cal.cpu_s_per_param
     dev_t = 0.0
     cpu_t = 0.0
-    disk_free = 0.0
     nv = [i for i, p in enumerate(placements) if p == "nvme"]
-    read_b = cal.nvme_read_bps_cpu if has_io else cal.nvme_read_bps
-    write_b = cal.nvme_write_bps_cpu if has_io else cal.nvme_write_bps
     io_bytes = [12 * padded(numels[i]) for i in nv]
+    # Disk bandwidth while the CPU updates (measured under contention) vs while it waits:
+    # blend the two by the share of I/O time that CPU updates can overlap.
+    cpu_work = sum(n * t_cpu for n, p in zip(numels, placements) if p in ("cpu", "nvme"))
+    io_free = sum(io_bytes) * (1 / cal.nvme_read_bps + 1 / cal.nvme_write_bps)
+    f = min(1.0, cpu_work / io_free) if io_free > 0 else 0.0
+    read_b = 1 / (f / cal.nvme_read_bps_cpu + (1 - f) / cal.nvme_read_bps)
+    write_b = 1 / (f / cal.nvme_write_bps_cpu + (1 - f) / cal.nvme_write_bps)
+    # Reads and writes have their own queues (both are in flight at once in the pipeline).
+    read_q = write_q = 0.0
     read_done: dict[int, float] = {}
     if nv:
-        disk_free = io_bytes[0] / read_b
-        read_done[0] = disk_free
+        read_q = io_bytes[0] / read_b
+        read_done[0] = read_q
     k = 0
     for n, pl in zip(numels, placements):
         if pl == "device":
@@ -52,14 +60,13 @@ def predict_update_time(
         elif pl == "cpu":
             cpu_t += n * t_cpu
         else:
-            if k + 1 < len(nv):
-                start = max(cpu_t, disk_free)
-                disk_free = start + io_bytes[k + 1] / read_b
-                read_done[k + 1] = disk_free
+            if k + 1 < len(nv):  # issued before subgroup k is waited for
+                read_q = max(cpu_t, read_q) + io_bytes[k + 1] / read_b
+                read_done[k + 1] = read_q
             cpu_t = max(cpu_t, read_done[k]) + n * t_cpu
-            disk_free = max(cpu_t, disk_free) + io_bytes[k] / write_b
+            write_q = max(cpu_t, write_q) + io_bytes[k] / write_b
             k += 1
-    cpu_t = max(cpu_t, disk_free)
+    cpu_t = max(cpu_t, write_q)
     return dev_t + cpu_t if same_resource else max(dev_t, cpu_t)
 
 

@@ -284,3 +284,17 @@ def test_perf_model_respects_budgets_and_prefers_faster_placement() -> None:
     assert t["device"] < t["cpu"] < t["nvme"]
     # on a GPU, staging some host subgroups through the device beats all-CPU
     assert "stage" in plan_placement(n, cal, 0, 0, False, False)
+
+
+def test_cpu_placement_updates_host_params_in_place(tmp_path: Path) -> None:
+    """On a CPU-resident model, ``cpu`` subgroups own the parameters' storage (no copy back);
+    other placements keep the parameters' own storage."""
+    model = tiny_gpt()
+    opt = make_opt(model, "cpu,device", tmp_path)
+    for sg in opt.subgroups:
+        ptrs = {p.data_ptr() for p in sg.params}
+        inside = {
+            sg.state[0, off].data_ptr() == p.data_ptr() for p, off in zip(sg.params, sg.offsets)
+        }
+        assert inside == {sg.placement == "cpu"}, (sg.placement, ptrs)
+        assert bool(sg.extra.get("aliased")) == (sg.placement == "cpu")
