@@ -194,14 +194,21 @@ def test_expert_tensor_parallel_tp2():
 N_MICRO = 2
 
 
-def _train_3d(rank: int, world: int, tp: int, pp: int, dp_shard: int, ep: int):
+def _train_3d(
+    rank: int, world: int, tp: int, pp: int, dp_shard: int, ep: int, inject: bool, sp: int = 1
+):
     """Train the tiny GPTMoE on a (tp, pp, dp_shard, ep) layout with ``N_MICRO`` micro-batches
-    per data rank; world 1 is the reference (global micro-batch k = every data rank's
-    micro-batch k, so the per-micro-batch balancing loss is the same). SparseMixer noise is a
-    function of (step, micro-batch, layer, global token) on every layout."""
+    per data rank (Ulysses ``sp`` ranks each take a slice of every sequence); world 1 is the
+    reference (global micro-batch k = every data rank's
+    micro-batch k, so the per-micro-batch balancing loss is the same). With ``inject`` the
+    SparseMixer noise is a function of (step, micro-batch, layer, global token) on every
+    layout; without, it comes from the default generator (seeded alike everywhere), which is
+    what a tp-only layout uses in training: every tp rank must draw exactly what the single
+    process draws."""
     from models.moe import MoE
     from parallelism.dims import ParallelDims
     from parallelism.init import canonical_name
+    from parallelism.ulysses import sequence_slice
     from parallelism.utils import all_reduce_mean, clip_grad_norm_
     from train.specs import get_model_spec
     from train.trainer import build_optimizer
@@ -209,7 +216,7 @@ def _train_3d(rank: int, world: int, tp: int, pp: int, dp_shard: int, ep: int):
     job = _job("sparsemixer")
     job.model.n_kv_heads = 2  # tp=2 splits whole kv heads
     job.parallel.pp_schedule = "1f1b"
-    dims = ParallelDims(world, dp_shard=dp_shard, tp=tp, pp=pp, ep=ep)
+    dims = ParallelDims(world, dp_shard=dp_shard, tp=tp, pp=pp, ep=ep, sp=sp)
     dp = dims.dp
     mb = B // N_MICRO // dp
     job.train.global_batch_size, job.train.micro_batch_size = B, mb
@@ -219,9 +226,10 @@ def _train_3d(rank: int, world: int, tp: int, pp: int, dp_shard: int, ep: int):
         dims.build_mesh("cpu")
     model = spec.build_and_parallelize(job, dims, torch.device("cpu"))
     dp_rank = dims.coordinate(rank)["dp_shard"]
+    sl = sequence_slice(S, dims.coordinate(rank)["sp"], sp)
     state = {"step": 0, "calls": {}}
     for name, m in model.named_modules():
-        if not isinstance(m, MoE):
+        if not isinstance(m, MoE) or not inject:
             continue
         li = int(re.search(r"layers\.(\d+)\.", name).group(1))  # global layer index
 
@@ -229,8 +237,8 @@ def _train_3d(rank: int, world: int, tp: int, pp: int, dp_shard: int, ep: int):
             k = state["calls"].get(li, 0)  # forward calls of this layer this step = micro-batch
             state["calls"][li] = k + 1
             g = torch.Generator().manual_seed(1000 * state["step"] + 100 * k + li)
-            u = torch.rand(B // N_MICRO * S, 2, n_e + 1, generator=g)
-            return u[dp_rank * mb * S : (dp_rank + 1) * mb * S]
+            u = torch.rand(B // N_MICRO, S, 2, n_e + 1, generator=g)
+            return u[dp_rank * mb : (dp_rank + 1) * mb, sl].reshape(-1, 2, n_e + 1)
 
         m.uniform_fn = noise
     runner = None
@@ -248,6 +256,7 @@ def _train_3d(rank: int, world: int, tp: int, pp: int, dp_shard: int, ep: int):
         runner.forward_backward([(xy[:, :-1], xy[:, 1:])] * N_MICRO)
         model.zero_grad(set_to_none=True)
     opt = build_optimizer(model, job.optim)
+    torch.manual_seed(0)
     group = dims.submesh("dp_sp").get_group() if world > 1 else None
     losses, first_grads = [], {}
     for step in range(STEPS):
@@ -263,7 +272,8 @@ def _train_3d(rank: int, world: int, tp: int, pp: int, dp_shard: int, ep: int):
         else:
             loss = torch.zeros(())
             for x, y in micro:
-                mloss = spec.loss(model(x), y, job) / N_MICRO
+                pos = torch.arange(sl.start, sl.stop)
+                mloss = spec.loss(model(x[:, sl], pos), y[:, sl], job) / N_MICRO
                 mloss.backward()
                 loss += mloss.detach()
         if step == 0:
@@ -306,21 +316,26 @@ def _check_3d(results, ref):
         torch.testing.assert_close(got, torch.from_numpy(g), atol=1e-5, rtol=0, msg=n)
 
 
-_REF_3D: list = []
+_REF_3D: dict = {}
 
 
-def _reference_3d():
-    if not _REF_3D:
-        _REF_3D.append(_train_3d(0, 1, 1, 1, 1, 1))
-    return _REF_3D[0]
+def _reference_3d(inject: bool):
+    if inject not in _REF_3D:
+        _REF_3D[inject] = _train_3d(0, 1, 1, 1, 1, 1, inject)
+    return _REF_3D[inject]
 
 
 @pytest.mark.parametrize(
-    "world,tp,pp,dp_shard,ep",
-    [(2, 2, 1, 1, 1), pytest.param(4, 1, 2, 2, 2, marks=pytest.mark.slow)],
-    ids=["tp2_experts", "pp2_ep2_dp_shard2"],
+    "world,tp,pp,dp_shard,ep,sp",
+    [
+        (2, 2, 1, 1, 1, 1),
+        pytest.param(4, 1, 2, 2, 2, 1, marks=pytest.mark.slow),
+        (2, 1, 1, 1, 2, 2),
+    ],
+    ids=["tp2_experts", "pp2_ep2_dp_shard2", "ulysses_sp2_ep2"],
 )
-def test_moe_tp_pp_layouts_equal_single_process(world, tp, pp, dp_shard, ep):
-    ref = _reference_3d()
-    results = run_on_ranks(_train_3d, world, tp, pp, dp_shard, ep, timeout_s=90)
+def test_moe_tp_pp_sp_layouts_equal_single_process(world, tp, pp, dp_shard, ep, sp):
+    inject = pp > 1 or world > tp  # tp-only layouts sample from the default generator
+    ref = _reference_3d(inject)
+    results = run_on_ranks(_train_3d, world, tp, pp, dp_shard, ep, inject, sp, timeout_s=90)
     _check_3d(results, ref)
