@@ -79,6 +79,7 @@ def main() -> None:
         "gpt_tiny_dense": dense,
         "val_loss_diff_moe_minus_dense": moe["val_loss"] - dense["val_loss"],
         "params": params,
+        "steps": moe["step"],
         "criterion": "moe val_loss not worse than dense by more than 0.02 at the same step",
         "holds": moe["val_loss"] - dense["val_loss"] <= 0.02 and moe["step"] == dense["step"],
     }
@@ -86,7 +87,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2))
     md = [
-        "# gpt_moe vs dense gpt_tiny (same active parameters, same steps, default corpus)",
+        f"# gpt_moe vs dense gpt_tiny (same active parameters, {moe['step']} steps each, "
+        "default corpus)",
         "",
         "| model | step | train loss | val_loss |",
         "| --- | ---: | ---: | ---: |",

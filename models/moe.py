@@ -22,6 +22,9 @@ Owns, as plain modules without process groups:
   loss of a training forward rides on the returned logits as ``logits.moe_aux_loss`` (a 0-d
   tensor in the graph), so the model family's loss function can add it without the trainer
   knowing about MoE.
+- ``GPTMoEStage``: the pipeline-stage form of ``GPTMoE``; stages pass the running sum of the
+  balancing losses to the next stage next to the hidden states, so the last stage's loss
+  includes every layer's.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ a multiple of tp, and the vocab-parallel cross-entropy. Follows torchtitan's ``a
 
 - Column-parallel ``wq/wk/wv`` and ``w1/w3``, row-parallel ``wo`` and ``w2``: one all-reduce in
   forward and one in backward per block half (Megatron's f/g operators are DTensor
-  redistributions inside ``ColwiseParallel``/``RowwiseParallel``).
+  redistributions inside ``ColwiseParallel``/``RowwiseParallel``). A block whose
+  ``feed_forward`` is not the dense SwiGLU (the MoE block) keeps it untouched here;
+  ``parallelism.expert_parallel`` splits the experts.
 - Vocab-parallel embedding: ``RowwiseParallel(input_layouts=Replicate())`` on ``tok_embeddings``
   (each rank owns a slice of the rows, masked lookups are summed).
 - Vocab-parallel output: ``ColwiseParallel(output_layouts=Shard(-1))`` keeps the logits sharded
