@@ -34,6 +34,7 @@ same across tp ranks. ``parallel.sequence_parallel_norms`` is rejected for ``gpt
 from __future__ import annotations
 
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from parallelism.data_parallel import apply_fsdp, needs_fsdp
 from parallelism.dims import ParallelDims
@@ -69,7 +70,7 @@ def parallelize_gpt_moe(model: nn.Module, dims: ParallelDims, job: object) -> nn
 
 
 def _parallelize_one(
-    model: nn.Module, dims: ParallelDims, job: object, emesh: object | None
+    model: nn.Module, dims: ParallelDims, job: object, emesh: DeviceMesh | None
 ) -> nn.Module:
     if dims.tp > 1:
         from parallelism.tensor_parallel import apply_tensor_parallel
