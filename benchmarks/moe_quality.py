@@ -6,6 +6,7 @@ difference, and the parameter counts in ``benchmarks/results/moe_quality.{json,m
 
     python benchmarks/moe_quality.py                       # runs both (~2 x a few minutes CPU)
     python benchmarks/moe_quality.py --moe-run DIR --dense-run DIR   # reuse finished runs
+    python benchmarks/moe_quality.py --steps 100          # fewer steps, the same for both
 """
 
 from __future__ import annotations
@@ -58,14 +59,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--moe-run", default="")
     ap.add_argument("--dense-run", default="")
+    ap.add_argument("--steps", type=int, default=0, help="train.steps for both (0: default)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "moe_quality"))
     a = ap.parse_args()
     moe_dir = Path(a.moe_run or ROOT / "runs" / "moe_quality_moe")
     dense_dir = Path(a.dense_run or ROOT / "runs" / "moe_quality_dense")
+    common = [f"train.steps={a.steps}"] if a.steps else []
     if not a.moe_run:
-        _run(["model=gpt_moe"], moe_dir)
+        _run(["model=gpt_moe", *common], moe_dir)
     if not a.dense_run:
-        _run([], dense_dir)
+        _run(common, dense_dir)
     moe, dense = _summary(moe_dir), _summary(dense_dir)
     try:
         params = {"gpt_moe": _active_params("gpt_moe"), "gpt_tiny": _active_params("gpt_tiny")}
@@ -76,6 +79,7 @@ def main() -> None:
         "gpt_tiny_dense": dense,
         "val_loss_diff_moe_minus_dense": moe["val_loss"] - dense["val_loss"],
         "params": params,
+        "steps": moe["step"],
         "criterion": "moe val_loss not worse than dense by more than 0.02 at the same step",
         "holds": moe["val_loss"] - dense["val_loss"] <= 0.02 and moe["step"] == dense["step"],
     }
@@ -83,7 +87,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2))
     md = [
-        "# gpt_moe vs dense gpt_tiny (same active parameters, same steps, default corpus)",
+        f"# gpt_moe vs dense gpt_tiny (same active parameters, {moe['step']} steps each, "
+        "default corpus)",
         "",
         "| model | step | train loss | val_loss |",
         "| --- | ---: | ---: | ---: |",

@@ -22,6 +22,9 @@ Owns, as plain modules without process groups:
   loss of a training forward rides on the returned logits as ``logits.moe_aux_loss`` (a 0-d
   tensor in the graph), so the model family's loss function can add it without the trainer
   knowing about MoE.
+- ``GPTMoEStage``: the pipeline-stage form of ``GPTMoE``; stages pass the running sum of the
+  balancing losses to the next stage next to the hidden states, so the last stage's loss
+  includes every layer's.
 """
 
 from __future__ import annotations
@@ -65,48 +68,31 @@ class MoEConfig(GPTConfig):
 
 
 # -- routers ----------------------------------------------------------------------------------
-class _SparseMixerWeight(torch.autograd.Function):
-    """Forward: ``factor * pi_i``. Backward: ``g * pi_i * (e_i - pi)`` into the logits (the
-    factor is not applied, as in GRIN's released code)."""
+class _SparseMixerWeights(torch.autograd.Function):
+    """Both slots at once. Forward: ``factor_k * pi_k[i_k]``. Backward: the logits receive
+    ``sum_k g_k * pi_k[i_k] * (e_{i_k} - pi_k)`` (the factor is not applied, as in GRIN's
+    released code)."""
 
     @staticmethod
-    def forward(ctx, scores_TE, pi_TE, pick_T1, factor_T1):  # type: ignore[override]
-        w_T1 = pi_TE.gather(-1, pick_T1)
-        ctx.save_for_backward(pi_TE, pick_T1, w_T1)
-        return w_T1 * factor_T1
+    def forward(ctx, scores_TE, pi_TKE, pick_TK, factor_TK):  # type: ignore[override]
+        w_TK = pi_TKE.gather(-1, pick_TK.unsqueeze(-1)).squeeze(-1)
+        ctx.save_for_backward(pi_TKE, pick_TK, w_TK)
+        return w_TK * factor_TK
 
     @staticmethod
-    def backward(ctx, g_T1):  # type: ignore[override]
-        pi_TE, pick_T1, w_T1 = ctx.saved_tensors
-        e_i_TE = torch.zeros_like(pi_TE).scatter_(-1, pick_T1, 1.0)
-        return (g_T1 * w_T1) * (e_i_TE - pi_TE), None, None, None
+    def backward(ctx, g_TK):  # type: ignore[override]
+        pi_TKE, pick_TK, w_TK = ctx.saved_tensors
+        e_TKE = torch.zeros_like(pi_TKE).scatter_(-1, pick_TK.unsqueeze(-1), 1.0)
+        grad_TKE = (g_TK * w_TK).unsqueeze(-1) * (e_TKE - pi_TKE)
+        return grad_TKE.sum(1), None, None, None
 
 
-def _sparsemixer_slot(
-    scores_TE: torch.Tensor,
-    avail_TE: torch.Tensor,
-    eps: float,
-    training: bool,
-    u_TE: torch.Tensor | None,
-    u_T1: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One SparseMixer-v2 slot over the experts still available. Returns (weight_T1, pick_T1)."""
-    with torch.no_grad():
-        avail_scores = scores_TE.masked_fill(~avail_TE, float("-inf"))
-        top_T1, argmax_T1 = avail_scores.max(dim=-1, keepdim=True)
-        denom = torch.maximum(scores_TE.abs(), top_T1).clamp_min(torch.finfo(torch.float32).tiny)
-        keep_TE = avail_TE & ((top_T1 - scores_TE) / denom <= 2 * eps)
-        masked_TE = scores_TE.masked_fill(~keep_TE, float("-inf"))
-        if training:
-            gumbel_TE = -torch.log(-torch.log(u_TE))
-            pick_T1 = (masked_TE + gumbel_TE).argmax(dim=-1, keepdim=True)
-            heun_T1 = torch.where(u_T1 < 0.25, 1.0, 1.0 / 3.0)
-            factor_T1 = torch.where(pick_T1 == argmax_T1, 1.0, heun_T1)
-        else:
-            pick_T1 = argmax_T1
-            factor_T1 = torch.ones_like(top_T1)
-        pi_TE = torch.softmax(masked_TE, dim=-1)
-    return _SparseMixerWeight.apply(scores_TE, pi_TE, pick_T1, factor_T1), pick_T1
+def _keep_mask(scores_TE: torch.Tensor, eps: float) -> torch.Tensor:
+    """Experts whose relative gap to the row max, (max - s_j) / max(|s_j|, max), is <= 2 eps
+    (-inf scores, i.e. unavailable experts, are never kept)."""
+    top_T1 = scores_TE.amax(dim=-1, keepdim=True)
+    denom = torch.maximum(scores_TE.abs(), top_T1).clamp_min_(torch.finfo(torch.float32).tiny)
+    return (top_T1 - scores_TE) / denom <= 2 * eps  # inf / inf = nan: -inf is never kept
 
 
 def sparsemixer_v2(
@@ -123,6 +109,9 @@ def sparsemixer_v2(
     ``softmax(masked)[pick]`` times the Heun factor (training, non-argmax picks: 1 w.p. 0.25,
     1/3 w.p. 0.75; else 1). The first pick is removed before slot 2. No renormalisation.
 
+    Vectorised over tokens; the two slots share one softmax, one gather and one autograd node
+    (slot 2's mask depends on slot 1's pick, so the masks are built one after the other).
+
     Args:
         logits_TE: (T, E) router logits (any dtype; the math runs in fp32).
         jitter_eps: the GRIN jitter epsilon.
@@ -135,21 +124,36 @@ def sparsemixer_v2(
     """
     scores_TE = logits_TE.float()
     T, E = scores_TE.shape
-    if training and uniforms_T2X is None:
-        uniforms_T2X = torch.rand(T, 2, E + 1, device=scores_TE.device)
-    if training:
-        tiny = torch.finfo(torch.float32).tiny
-        uniforms_T2X = uniforms_T2X.float().clamp(tiny, 1.0 - 1e-7)
-    avail_TE = torch.ones_like(scores_TE, dtype=torch.bool)
-    weights, picks = [], []
-    for slot in range(2):
-        u_TE = uniforms_T2X[:, slot, :E] if training else None
-        u_T1 = uniforms_T2X[:, slot, E:] if training else None
-        w_T1, pick_T1 = _sparsemixer_slot(scores_TE, avail_TE, jitter_eps, training, u_TE, u_T1)
-        avail_TE = avail_TE.scatter(-1, pick_T1, False)
-        weights.append(w_T1)
-        picks.append(pick_T1)
-    return torch.cat(weights, dim=-1), torch.cat(picks, dim=-1)
+    with torch.no_grad():
+        s1_TE = scores_TE.detach()
+        if training:
+            if uniforms_T2X is None:
+                uniforms_T2X = torch.rand(T, 2, E + 1, device=scores_TE.device)
+            tiny = torch.finfo(torch.float32).tiny
+            u = uniforms_T2X.float().clamp(tiny, 1.0 - 1e-7)
+            gumbel_T2E = -torch.log(-torch.log(u[..., :E]))
+            heun_T2 = torch.where(u[..., E] < 0.25, 1.0, 1.0 / 3.0)
+        masked1_TE = s1_TE.masked_fill(~_keep_mask(s1_TE, jitter_eps), float("-inf"))
+        argmax1_T1 = s1_TE.argmax(dim=-1, keepdim=True)
+        if training:
+            pick1_T1 = (masked1_TE + gumbel_T2E[:, 0]).argmax(dim=-1, keepdim=True)
+        else:
+            pick1_T1 = argmax1_T1
+        s2_TE = s1_TE.scatter(-1, pick1_T1, float("-inf"))  # slot 1's expert is unavailable
+        masked2_TE = s2_TE.masked_fill(~_keep_mask(s2_TE, jitter_eps), float("-inf"))
+        argmax2_T1 = s2_TE.argmax(dim=-1, keepdim=True)
+        if training:
+            pick2_T1 = (masked2_TE + gumbel_T2E[:, 1]).argmax(dim=-1, keepdim=True)
+        else:
+            pick2_T1 = argmax2_T1
+        picks_T2 = torch.cat([pick1_T1, pick2_T1], dim=-1)
+        if training:
+            is_max_T2 = picks_T2 == torch.cat([argmax1_T1, argmax2_T1], dim=-1)
+            factor_T2 = torch.where(is_max_T2, 1.0, heun_T2)
+        else:
+            factor_T2 = torch.ones(T, 2, device=scores_TE.device)
+        pi_T2E = torch.softmax(torch.stack([masked1_TE, masked2_TE], dim=1), dim=-1)
+    return _SparseMixerWeights.apply(scores_TE, pi_T2E, picks_T2, factor_T2), picks_T2
 
 
 def topk_softmax(logits_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,7 +285,8 @@ class MoE(nn.Module):
 
     def route(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns router logits_TE (fp32), weights_TK (fp32) and experts_TK (int64)."""
-        logits_TE = F.linear(x_TD.float(), self.router.weight.float())
+        with torch.autocast(x_TD.device.type, enabled=False):  # router math in fp32
+            logits_TE = self.router(x_TD.float())
         if self.router_kind == "sparsemixer":
             u = None
             if self.training and self.uniform_fn is not None:
@@ -381,6 +386,34 @@ class GPTMoE(GPT):
                 std /= math.sqrt(2 * self.cfg.n_layers)
             return torch.empty(shape).normal_(0.0, std, generator=generator)
         return super().init_tensor(name, shape, generator)
+
+
+class GPTMoEStage(GPTMoE):
+    """A pipeline stage of a ``GPTMoE`` (``parallelism.pipeline.split_model`` deletes the blocks
+    it does not own; ``parallelism.parallelize_gpt_moe`` gives the stage this class).
+
+    The balancing losses of every stage must reach the loss on the last stage, so a stage that
+    is not last returns ``(hidden_BSD, aux)`` where ``aux`` (0-d fp32, in the graph) is the sum of
+    the incoming ``aux_in`` and its own layers' losses; the pipeline sends it forward like an
+    activation and its gradient (``aux_loss_coef / n_micro``) back like one. The last stage puts
+    the total on its logits as ``moe_aux_loss``, exactly as the unsplit model does. Positions
+    come from ``position_offset`` (pipeline stages receive no positions).
+    """
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, aux_in: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        out = GPT.forward(self, x)
+        aux = aux_in if aux_in is not None else out.new_zeros((), dtype=torch.float32)
+        if self.training:
+            for m in self.moe_layers().values():
+                if m.aux_loss is not None:
+                    aux = aux + m.aux_loss
+        if self.output is None:
+            return out, aux
+        if self.training:
+            out.moe_aux_loss = aux
+        return out
 
 
 def build_gpt_moe(model_args: object) -> GPTMoE:

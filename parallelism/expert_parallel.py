@@ -2,12 +2,16 @@
 
 Follows torchtitan / Megatron-Core's all-to-all token dispatcher and GRIN-MoE's expert sharding:
 
-- ``apply_expert_parallel``: the stacked expert weights (E, ...) become DTensors on a 2-D
-  (``edp``, ``ep``) mesh with placements (Replicate, Shard(0)): rank ``r`` of an ep group owns
-  experts [r*E/ep, (r+1)*E/ep). ep ranks are borrowed from ``dp_shard x sp`` (as ParallelDims
-  validates); ``edp`` is the rest of the data-parallel ranks, over which each expert shard is
-  replicated. Non-expert parameters are sharded by FSDP2 over all data ranks as usual
-  (``ignored_params`` keeps FSDP away from the expert DTensors).
+- ``apply_expert_parallel``: the stacked expert weights (E, ...) become DTensors on a 3-D
+  (``edp``, ``ep``, ``tp``) mesh with placements (Replicate, Shard(0), Shard(hidden) or
+  Replicate): rank ``r`` of an ep group owns experts [r*E/ep, (r+1)*E/ep). ep ranks are
+  borrowed from ``dp_shard x sp`` (as ParallelDims validates); ``edp`` is the rest of the
+  data-parallel ranks, over which each expert shard is replicated. Non-expert parameters are
+  sharded by FSDP2 over all data ranks as usual (``ignored_params`` keeps FSDP away from the
+  expert DTensors).
+- ``apply_expert_tensor_parallel`` (tp > 1, ep = 1): the expert weights become DTensors on the
+  tp mesh, split over the expert hidden dim, and FSDP2 shards them over the data ranks like
+  every other tensor-parallel parameter (2-D).
 - ``ExpertParallelDispatcher``: per MoE call, the token counts per (destination rank, local
   expert) are exchanged first (``all_to_all_single`` on the counts), then the sorted tokens
   travel with ``all_to_all_single`` using those split sizes, are regrouped by local expert, run
@@ -22,10 +26,12 @@ Follows torchtitan / Megatron-Core's all-to-all token dispatcher and GRIN-MoE's 
   probabilities) are all-reduced over ``dp_sp`` before the product. Its backward multiplies by
   the group size: the loss (and so its gradient) is identical on every rank, and data-parallel
   gradient averaging divides by that size again.
-- ``expert_tensor_parallel``: each expert's SwiGLU split column-wise (w1, w3 over the hidden
-  dim) and row-wise (w2) over a tp group with one all-reduce of the output (Megatron's MLP
-  split, GRIN's way of sharding experts); written against an explicit group so it composes with
-  the tensor-parallel mesh of the 3D-parallel layout once that lands.
+- Expert tensor parallelism (GRIN's way of sharding experts): inside the dispatcher, each
+  expert's SwiGLU is split column-wise (w1, w3 over the hidden dim) and row-wise (w2) over the
+  tp group; the tp ranks see the same tokens and routing (the attention output is replicated
+  over tp), so the only tp collective per MoE layer is one all-reduce of the expert outputs in
+  forward (and one of the expert-input gradient in backward): Megatron's f/g operators.
+  ``expert_tensor_parallel_forward`` is the same computation as a standalone function.
 
 Written by hand because torch has no MoE dispatcher: the collectives are torch's own
 (``all_to_all_single``, ``all_reduce``) wrapped in small autograd functions.
@@ -37,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 
 from models.moe import GroupedExperts, MoE, grouped_matmul
 from parallelism.dims import ParallelDims
@@ -138,32 +144,58 @@ def apply_global_balancing(model: nn.Module, group: dist.ProcessGroup | None) ->
 
 # -- expert parallelism -----------------------------------------------------------------------
 def expert_mesh(dims: ParallelDims, device_type: str = "cpu") -> DeviceMesh:
-    """The (edp, ep) mesh: ``dp_shard x sp`` split into (dp_shard*sp/ep, ep) with ep innermost,
-    ``edp`` = dp_replicate x dp_shard*sp/ep. Same rank order as ``ParallelDims.build_mesh``."""
+    """The (edp, ep, tp) mesh: ``dp_shard x sp`` split into (dp_shard*sp/ep, ep) with ep
+    innermost, ``edp`` = dp_replicate x dp_shard*sp/ep; tp as in ``ParallelDims.build_mesh``
+    (same rank order)."""
     inner = dims.dp_shard * dims.sp
     shape = (dims.pp, dims.dp_replicate * inner // dims.ep, dims.ep, dims.tp)
     mesh = init_device_mesh(device_type, shape, mesh_dim_names=("pp", "edp", "ep", "tp"))
-    return mesh["edp", "ep"]
+    return mesh["edp", "ep", "tp"]
 
 
 class ExpertParallelDispatcher:
-    """All-to-all dispatch of expert-sorted tokens to the ranks that own the experts.
+    """Runs the experts of one MoE call on expert-sorted tokens across ep and tp ranks.
+
+    With ``ep_group``: the token counts, then the tokens, travel by all-to-all to the ranks that
+    own the experts, and back. With ``tp_group``: each expert's SwiGLU is split over tp (w1/w3
+    column-wise, w2 row-wise); the tp ranks hold identical tokens (and identical routing), run
+    their hidden-dim slice, and one all-reduce per MoE call sums the partial outputs (Megatron's
+    f/g operators: identity / all-reduce in forward, all-reduce / identity in backward).
 
     Args:
-        ep_group: the expert-parallel group (ep ranks, each owning E/ep experts).
-        edp_group: ranks holding the same expert shard (gradient all-reduce), or None.
-        grad_divide: data-parallel world size (dp x sp) the expert gradients are averaged over.
+        ep_group: the expert-parallel group (ep ranks, each owning E/ep experts), or None.
+        edp_group: ranks holding the same expert shard when the experts are outside FSDP
+            (gradient all-reduce), or None.
+        grad_divide: data-parallel world size (dp x sp) those gradients are averaged over.
+        tp_group: the tensor-parallel group splitting every expert, or None.
     """
 
     def __init__(
-        self, ep_group: dist.ProcessGroup, edp_group: dist.ProcessGroup | None, grad_divide: int
+        self,
+        ep_group: dist.ProcessGroup | None,
+        edp_group: dist.ProcessGroup | None,
+        grad_divide: int,
+        tp_group: dist.ProcessGroup | None = None,
     ) -> None:
         self.ep_group, self.edp_group, self.grad_divide = ep_group, edp_group, grad_divide
-        self.ep = dist.get_world_size(ep_group)
+        self.tp_group = tp_group
+        self.ep = dist.get_world_size(ep_group) if ep_group is not None else 1
 
     def local_weight(self, w: torch.Tensor) -> torch.Tensor:
         local = w.to_local() if isinstance(w, DTensor) else w
+        if self.edp_group is None and self.grad_divide == 1:
+            return local
         return _ReduceGradOver.apply(local, self.edp_group, self.grad_divide)
+
+    def _compute(
+        self, x_ND: torch.Tensor, counts_E: torch.Tensor, experts: GroupedExperts
+    ) -> torch.Tensor:
+        w1, w2, w3 = (self.local_weight(getattr(experts, n)) for n in EXPERT_WEIGHTS)
+        if self.tp_group is None:
+            return GroupedExperts.compute(x_ND, counts_E, w1, w2, w3, experts.use_grouped_mm)
+        x = _CopyToTP.apply(x_ND, self.tp_group)
+        y = GroupedExperts.compute(x, counts_E, w1, w2, w3, experts.use_grouped_mm)
+        return _AllReduceSumTP.apply(y, self.tp_group)
 
     def __call__(
         self, x_ND: torch.Tensor, counts_E: torch.Tensor, experts: GroupedExperts
@@ -171,57 +203,113 @@ class ExpertParallelDispatcher:
         """Args:
             x_ND: (N, D) this rank's token copies sorted by global expert id.
             counts_E: (E,) copies per global expert.
-            experts: the module whose w1/w2/w3 are (E, ...) DTensors sharded over ep.
+            experts: the module whose w1/w2/w3 are (E, ...) DTensors sharded over ep/tp.
 
         Returns:
             (N, D) expert outputs in the same order as ``x_ND``.
         """
+        if self.ep_group is None:
+            return self._compute(x_ND, counts_E, experts)
         ep, E = self.ep, counts_E.numel()
         e_loc = E // ep
         send_RL = counts_E.view(ep, e_loc).to(torch.int64)
         recv_RL = torch.empty_like(send_RL)
         dist.all_to_all_single(recv_RL, send_RL.contiguous(), group=self.ep_group)
-        in_splits = send_RL.sum(1).tolist()
-        out_splits = recv_RL.sum(1).tolist()
+        send_cpu, recv_cpu = send_RL.cpu(), recv_RL.cpu()  # one host sync for all split sizes
+        in_splits = send_cpu.sum(1).tolist()
+        out_splits = recv_cpu.sum(1).tolist()
         x_recv = _AllToAll.apply(x_ND, out_splits, in_splits, self.ep_group)
         # received rows are ordered (source rank, local expert): regroup by local expert
-        local_ids = torch.arange(e_loc).repeat(ep).repeat_interleave(recv_RL.flatten())
-        perm = torch.argsort(local_ids.to(x_recv.device), stable=True)
-        w1, w2, w3 = (self.local_weight(getattr(experts, n)) for n in EXPERT_WEIGHTS)
-        y_loc = GroupedExperts.compute(
-            x_recv[perm], recv_RL.sum(0), w1, w2, w3, experts.use_grouped_mm
-        )
+        local_ids = torch.arange(e_loc).repeat(ep).repeat_interleave(recv_cpu.flatten())
+        perm = torch.argsort(local_ids, stable=True).to(x_recv.device)
+        y_loc = self._compute(x_recv[perm], recv_RL.sum(0), experts)
         y_recv = y_loc[torch.argsort(perm)]
         return _AllToAll.apply(y_recv, in_splits, out_splits, self.ep_group)
 
 
-def apply_expert_parallel(model: nn.Module, dims: ParallelDims) -> list[nn.Parameter]:
-    """Shard every MoE layer's experts over ``parallel.ep`` (meta-device model).
+# tp splits of the stacked expert weights: w1/w3 (E, D, H) on H, w2 (E, H, D) on H
+_TP_DIM = {"w1": 2, "w3": 2, "w2": 1}
+
+
+def _as_dtensor_param(full: torch.Tensor, mesh: DeviceMesh, placements: tuple) -> nn.Parameter:
+    """A meta/empty parameter of ``full``'s logical shape as a DTensor with ``placements``."""
+    local_shape = list(full.shape)
+    for dim_size, p in zip(mesh.shape, placements):
+        if isinstance(p, Shard):
+            local_shape[p.dim] //= dim_size
+    local = torch.empty(local_shape, device=full.device, dtype=full.dtype)
+    return nn.Parameter(
+        DTensor.from_local(
+            local, mesh, placements, run_check=False, shape=full.shape, stride=full.stride()
+        )
+    )
+
+
+def _moe_layers(model: nn.Module) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def replicate_routers(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Make every router weight a ``Replicate`` DTensor on the tp mesh (its inputs are
+    replicated over tp and its logits returned as plain tensors), so the optimizer sees only
+    DTensors on a tensor-parallel model; the gradient is identical on every tp rank and needs
+    no reduction (torchtitan's ``NoParallel`` for the MoE gate)."""
+
+    def to_dtensor(mod: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+        return tuple(DTensor.from_local(x, mesh, (Replicate(),), run_check=False) for x in inputs)
+
+    def to_local(mod: nn.Module, out: DTensor, mesh: DeviceMesh) -> torch.Tensor:
+        return out.to_local()
+
+    for m in _moe_layers(model):
+        distribute_module(m.router, tp_mesh, None, to_dtensor, to_local)
+
+
+def apply_expert_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Split every expert of every MoE layer over ``tp_mesh`` (ep = 1; meta-device model).
+
+    The expert weights become DTensors on the tp mesh (w1/w3 ``Shard(2)``, w2 ``Shard(1)``),
+    which FSDP2 then shards over the data-parallel ranks like every other TP parameter.
+    """
+    tp_group = tp_mesh.get_group()
+    dispatcher = ExpertParallelDispatcher(None, None, 1, tp_group)
+    for m in _moe_layers(model):
+        if m.experts.w1.shape[-1] % tp_mesh.size():
+            raise ValueError("the expert hidden size is not divisible by parallel.tp")
+        for name in EXPERT_WEIGHTS:
+            full = getattr(m.experts, name)
+            setattr(m.experts, name, _as_dtensor_param(full, tp_mesh, (Shard(_TP_DIM[name]),)))
+        m.dispatcher = dispatcher
+
+
+def apply_expert_parallel(
+    model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None = None
+) -> list[nn.Parameter]:
+    """Shard every MoE layer's experts over ``parallel.ep`` (and split each over ``parallel.tp``)
+    on a meta-device model.
+
+    Args:
+        model: a GPTMoE or one pipeline stage of it.
+        dims: the layout (ep > 1).
+        mesh: the (edp, ep, tp) mesh from ``expert_mesh`` (built once and shared by all of a
+            rank's pipeline stages); built here if None.
 
     Returns:
-        The expert parameters (DTensors on the (edp, ep) mesh) that FSDP must ignore.
+        The expert parameters (DTensors on the (edp, ep, tp) mesh) that FSDP must ignore.
     """
-    mesh = expert_mesh(dims, dims.mesh.device_type)
+    mesh = mesh if mesh is not None else expert_mesh(dims, dims.mesh.device_type)
     edp = mesh["edp"].get_group() if mesh["edp"].size() > 1 else None
+    tp = mesh["tp"].get_group() if mesh["tp"].size() > 1 else None
     dispatcher = ExpertParallelDispatcher(
-        mesh["ep"].get_group(), edp, dims.dp_replicate * dims.dp_shard * dims.sp
+        mesh["ep"].get_group(), edp, dims.dp_replicate * dims.dp_shard * dims.sp, tp
     )
-    placements = (Replicate(), Shard(0))
     params: list[nn.Parameter] = []
-    for m in model.modules():
-        if not isinstance(m, MoE):
-            continue
+    for m in _moe_layers(model):
         if m.n_experts % dims.ep:
             raise ValueError(f"model.n_experts={m.n_experts} is not divisible by parallel.ep")
         for name in EXPERT_WEIGHTS:
-            full = getattr(m.experts, name)
-            local = torch.empty(
-                (full.shape[0] // dims.ep, *full.shape[1:]), device=full.device, dtype=full.dtype
-            )
-            dt = DTensor.from_local(
-                local, mesh, placements, run_check=False, shape=full.shape, stride=full.stride()
-            )
-            p = nn.Parameter(dt)
+            placements = (Replicate(), Shard(0), Shard(_TP_DIM[name]) if tp else Replicate())
+            p = _as_dtensor_param(getattr(m.experts, name), mesh, placements)
             setattr(m.experts, name, p)
             params.append(p)
         m.dispatcher = dispatcher

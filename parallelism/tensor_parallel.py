@@ -6,7 +6,9 @@ a multiple of tp, and the vocab-parallel cross-entropy. Follows torchtitan's ``a
 
 - Column-parallel ``wq/wk/wv`` and ``w1/w3``, row-parallel ``wo`` and ``w2``: one all-reduce in
   forward and one in backward per block half (Megatron's f/g operators are DTensor
-  redistributions inside ``ColwiseParallel``/``RowwiseParallel``).
+  redistributions inside ``ColwiseParallel``/``RowwiseParallel``). A block whose
+  ``feed_forward`` is not the dense SwiGLU (the MoE block) keeps it untouched here;
+  ``parallelism.expert_parallel`` splits the experts.
 - Vocab-parallel embedding: ``RowwiseParallel(input_layouts=Replicate())`` on ``tok_embeddings``
   (each rank owns a slice of the rows, masked lookups are summed).
 - Vocab-parallel output: ``ColwiseParallel(output_layouts=Shard(-1))`` keeps the logits sharded
@@ -96,17 +98,20 @@ def pad_vocab_(model: nn.Module, tp: int) -> None:
             model.output.weight = model.tok_embeddings.weight
 
 
-def _block_plan(sp: bool) -> dict[str, Any]:
+def _block_plan(sp: bool, dense_ffn: bool = True) -> dict[str, Any]:
+    """The block's TP plan; ``dense_ffn=False`` leaves ``feed_forward`` alone (an MoE block's
+    experts are split by ``parallelism.expert_parallel``)."""
     seq = Shard(1) if sp else Replicate()
     plan: dict[str, Any] = {
         "attention.wq": ColwiseParallel(),
         "attention.wk": ColwiseParallel(),
         "attention.wv": ColwiseParallel(),
         "attention.wo": RowwiseParallel(output_layouts=seq),
-        "feed_forward.w1": ColwiseParallel(),
-        "feed_forward.w3": ColwiseParallel(),
-        "feed_forward.w2": RowwiseParallel(output_layouts=seq),
     }
+    if dense_ffn:
+        plan["feed_forward.w1"] = ColwiseParallel()
+        plan["feed_forward.w3"] = ColwiseParallel()
+        plan["feed_forward.w2"] = RowwiseParallel(output_layouts=seq)
     # One input preparation per block half: the column-parallel projections then receive a
     # replicated DTensor, so their input gradients add up as one Partial and are reduced once
     # (Megatron's single "f" all-reduce, or one reduce-scatter with SP) instead of once per
@@ -116,9 +121,10 @@ def _block_plan(sp: bool) -> dict[str, Any]:
         desired_input_layouts=(Replicate(), None, None),
         use_local_output=False,
     )
-    plan["feed_forward"] = PrepareModuleInput(
-        input_layouts=(seq,), desired_input_layouts=(Replicate(),), use_local_output=False
-    )
+    if dense_ffn:
+        plan["feed_forward"] = PrepareModuleInput(
+            input_layouts=(seq,), desired_input_layouts=(Replicate(),), use_local_output=False
+        )
     if sp:
         plan["attention_norm"] = SequenceParallel()
         plan["ffn_norm"] = SequenceParallel()
@@ -168,7 +174,8 @@ def apply_tensor_parallel(
     if top:
         parallelize_module(model, tp_mesh, top)
     for block in model.layers.values():
-        parallelize_module(block, tp_mesh, _block_plan(sp))
+        dense_ffn = isinstance(getattr(block.feed_forward, "w1", None), nn.Linear)
+        parallelize_module(block, tp_mesh, _block_plan(sp, dense_ffn))
     if sp:
         model.register_forward_pre_hook(_global_positions_hook(tp), with_kwargs=True)
     return model

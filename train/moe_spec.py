@@ -31,17 +31,31 @@ def validate_gpt_moe(job: object, dims: ParallelDims) -> None:
         raise LayoutError(f"model.top_k={m.top_k}: model.router=sparsemixer is top-2; set 2")
     if not 1 <= m.top_k <= m.n_experts:
         raise LayoutError(f"model.top_k={m.top_k} must be in [1, model.n_experts={m.n_experts}]")
-    if dims.ep > 1:
-        if m.n_experts % dims.ep:
+    if dims.ep > 1 and m.n_experts % dims.ep:
+        raise LayoutError(
+            f"model.n_experts={m.n_experts} is not divisible by parallel.ep={dims.ep}: choose "
+            "parallel.ep dividing the expert count"
+        )
+    if dims.tp > 1:
+        hidden = m.moe_ffn_hidden or _default_expert_hidden(m)
+        if hidden % dims.tp:
             raise LayoutError(
-                f"model.n_experts={m.n_experts} is not divisible by parallel.ep={dims.ep}"
+                f"model.moe_ffn_hidden={hidden} (expert hidden size) is not divisible by "
+                f"parallel.tp={dims.tp}: tensor parallelism splits every expert's hidden dim; "
+                "set model.moe_ffn_hidden to a multiple of tp"
             )
-        for name in ("tp", "pp"):
-            if getattr(dims, name) > 1:
-                raise LayoutError(
-                    f"parallel.ep={dims.ep} with parallel.{name}={getattr(dims, name)} is not "
-                    "supported yet for model.name=gpt_moe: set one of them to 1"
-                )
+        if job.parallel.sequence_parallel_norms:
+            raise LayoutError(
+                "parallel.sequence_parallel_norms=true is not supported for model.name=gpt_moe "
+                "(the MoE block routes whole sequences): set it to false"
+            )
+
+
+def _default_expert_hidden(m: object) -> int:
+    from models.moe import MoEConfig
+
+    fields = MoEConfig.__dataclass_fields__
+    return MoEConfig(**{k: getattr(m, k) for k in fields if hasattr(m, k)}).moe_ffn_hidden
 
 
 def moe_metrics(model: nn.Module) -> dict:

@@ -158,5 +158,10 @@ def test_bad_moe_config_fails_before_any_process_group():
     with pytest.raises(LayoutError, match=r"model.top_k=3"):
         validate_gpt_moe(job, ParallelDims(1))
     job.model.top_k = 2
-    with pytest.raises(LayoutError, match=r"parallel.tp=2 is not supported yet"):
+    validate_gpt_moe(job, ParallelDims(8, dp_shard=2, tp=2, pp=2, ep=2))  # composes
+    job.model.moe_ffn_hidden = 33
+    with pytest.raises(LayoutError, match=r"model.moe_ffn_hidden=33 .* parallel.tp=2"):
         validate_gpt_moe(job, ParallelDims(4, dp_shard=2, tp=2, ep=2))
+    job.model.moe_ffn_hidden, job.parallel.sequence_parallel_norms = 0, True
+    with pytest.raises(LayoutError, match=r"parallel.sequence_parallel_norms=true"):
+        validate_gpt_moe(job, ParallelDims(2, tp=2))
