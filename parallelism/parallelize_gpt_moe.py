@@ -65,6 +65,7 @@ def parallelize_gpt_moe(model: nn.Module, dims: ParallelDims, job: object) -> nn
         for part in pipelined.parts:
             part.__class__ = GPTMoEStage
             _parallelize_one(part, dims, job, emesh)
+        pipelined.refresh()
         return pipelined
     return _parallelize_one(model, dims, job, emesh)
 
