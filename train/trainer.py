@@ -320,6 +320,7 @@ class Trainer:
                     "grad_norm": grad_norm.item(),
                     "tokens_per_s": tokens_per_step / dt,
                     "step_time_s": dt,
+                    "elapsed_s": time.perf_counter() - start,
                 }
                 if self.plan.spec.metrics is not None:
                     last.update(self.plan.spec.metrics(self.model))
