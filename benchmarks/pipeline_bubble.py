@@ -8,7 +8,9 @@ input), and idle = wall - busy. Theory (Narayanan et al. 2021): bubble / total =
 
 CPU caveat: with more ranks than cores, ranks that compute at the same time slow each other
 down, which inflates busy time in the steady phase and so under-reports the bubble; the
-machine this was written on has 2 cores, so p=2 figures are the clean ones.
+machine this was written on has 2 cores, so p=2 figures are the clean ones. A micro-batch's
+compute (hidden 512, 512 rows, 4 blocks: ~1 GFLOP forward) is sized to dwarf the per-message
+gloo latency; with 256 x 256 the messages dominated and every schedule measured alike.
 
     python benchmarks/pipeline_bubble.py            # writes benchmarks/results/pipeline_bubble.*
 """
@@ -28,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.distributed.harness import run_on_ranks
 
-H, LAYERS, ROWS, REPEATS = 256, 4, 256, 3
+H, LAYERS, ROWS, REPEATS = 512, 4, 512, 5
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
