@@ -17,21 +17,35 @@ from tests.trainer_utils import assert_close_runs, run_trainer
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
+BASE = ["train.steps=8", "train.seed=0"]
 # Multi-head attention (4 kv heads) so tp=4 and sp=4 layouts are valid for the same model.
-BASE = ["train.steps=8", "train.seed=0", "train.micro_batch_size=1", "model.n_kv_heads=4"]
+GPT = ["train.micro_batch_size=1", "model.n_kv_heads=4"]
+# A tiny GRIN MoE with deterministic top-2 routing and the global balancing loss on. The
+# balancing loss is per global micro-batch, and which sequences form a global micro-batch
+# depends on the data-parallel size when a step accumulates several; so every MoE layout runs
+# one global micro-batch of 4 sequences per step (micro_batch_size x data-parallel size = 4).
+MOE = [
+    "model=gpt_moe",
+    *("model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2"),
+    *("model.n_experts=4", "model.router=softmax", "model.aux_loss_coef=0.1"),
+    *("optim.impl=foreach", "optim.eps=1e-5", "train.global_batch_size=4"),
+]
 
 # name -> (overrides, world size)
 LAYOUTS: dict[str, tuple[list[str], int]] = {
-    "single": (["parallel.dp_replicate=1", "parallel.dp_shard=1"], 1),
-    "fsdp2": (["parallel.dp_replicate=1", "parallel.dp_shard=2"], 2),
-    "fsdp8": (["parallel.dp_replicate=1", "parallel.dp_shard=8"], 8),
-    "hsdp2x2": (["parallel.dp_replicate=2", "parallel.dp_shard=2"], 4),
-    "ddp2": (["parallel.dp_replicate=2", "parallel.dp_shard=1"], 2),
-    "tp2pp2dp2": (["parallel.tp=2", "parallel.pp=2", "parallel.dp_shard=2"], 8),
-    "tp2dp4": (["parallel.tp=2", "parallel.dp_shard=4"], 8),
-    "tp4pp2": (["parallel.tp=4", "parallel.pp=2", "parallel.dp_shard=1"], 8),
-    "sp4": (["parallel.sp=4", "parallel.dp_shard=1"], 4),
-    "sp2": (["parallel.sp=2", "parallel.dp_shard=1"], 2),
+    "single": ([*GPT, "parallel.dp_replicate=1", "parallel.dp_shard=1"], 1),
+    "fsdp2": ([*GPT, "parallel.dp_replicate=1", "parallel.dp_shard=2"], 2),
+    "fsdp8": ([*GPT, "parallel.dp_replicate=1", "parallel.dp_shard=8"], 8),
+    "hsdp2x2": ([*GPT, "parallel.dp_replicate=2", "parallel.dp_shard=2"], 4),
+    "ddp2": ([*GPT, "parallel.dp_replicate=2", "parallel.dp_shard=1"], 2),
+    "tp2pp2dp2": ([*GPT, "parallel.tp=2", "parallel.pp=2", "parallel.dp_shard=2"], 8),
+    "tp2dp4": ([*GPT, "parallel.tp=2", "parallel.dp_shard=4"], 8),
+    "tp4pp2": ([*GPT, "parallel.tp=4", "parallel.pp=2", "parallel.dp_shard=1"], 8),
+    "sp4": ([*GPT, "parallel.sp=4", "parallel.dp_shard=1"], 4),
+    "sp2": ([*GPT, "parallel.sp=2", "parallel.dp_shard=1"], 2),
+    "moe_single": ([*MOE, "train.micro_batch_size=4", "parallel.dp_shard=1"], 1),
+    "ep2": ([*MOE, "train.micro_batch_size=2", "parallel.dp_shard=2", "parallel.ep=2"], 2),
+    "ep4": ([*MOE, "train.micro_batch_size=1", "parallel.dp_shard=4", "parallel.ep=4"], 4),
 }
 
 # (save layout, resume layout, exact bit-for-bit)
@@ -46,6 +60,9 @@ MATRIX: list[tuple[str, str, bool]] = [
     ("single", "tp2pp2dp2", False),  # (1,1,1) -> (2,2,2)
     ("tp2dp4", "tp4pp2", False),  # (2,1,4) -> (4,2,1)
     ("sp4", "sp2", False),  # Ulysses sp 4 -> 2
+    ("ep2", "ep4", False),  # MoE expert parallel 2 -> 4 (experts re-split across ranks)
+    ("ep4", "moe_single", False),  # MoE ep 4 -> one process
+    ("ep2", "ep2", True),
     ("tp2pp2dp2", "tp2pp2dp2", True),
 ]
 
@@ -67,9 +84,18 @@ def _run(layout: str, extra: list[str]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_data: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Uninterrupted single-process run without checkpointing."""
-    return _run("single", [f"data.path={tiny_data}", f"run.dir={tmp_path_factory.mktemp('ref')}"])
+def reference(tiny_data: str, tmp_path_factory: pytest.TempPathFactory):
+    """Uninterrupted single-process run without checkpointing, per model (cached)."""
+    cache: dict[str, dict] = {}
+
+    def get(layout: str) -> dict:
+        single = "moe_single" if "model=gpt_moe" in LAYOUTS[layout][0] else "single"
+        if single not in cache:
+            run = tmp_path_factory.mktemp(f"ref-{single}")
+            cache[single] = _run(single, [f"data.path={tiny_data}", f"run.dir={run}"])
+        return cache[single]
+
+    return get
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +125,8 @@ def saved(tiny_data: str, tmp_path_factory: pytest.TempPathFactory):
 @pytest.mark.parametrize(("src", "dst", "exact"), MATRIX, ids=[f"{s}_to_{d}" for s, d, _ in MATRIX])
 def test_resume_matrix(src, dst, exact, reference, saved, tiny_data, tmp_path) -> None:
     full, ckpt = saved(src)
+    assert reference(src) is reference(dst), "a resume case must keep the model"
+    reference = reference(src)
     assert (ckpt / "index.json").exists()
     # The checkpointing run itself is unperturbed by the (lazy) saves.
     assert_close_runs(reference, full)
