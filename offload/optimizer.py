@@ -174,7 +174,7 @@ class InterleavedOptimizer(torch.optim.Optimizer):
         # Host-resident parameters are updated in place as lists of per-parameter views. The
         # calibration times kernels on one flat buffer; on lists, DeepSpeed's op pays a call
         # per tensor while torch's fused kernel takes the whole list in one call, so ``auto``
-        # uses torch's there (measured: 1M params in 4 tensors, 0.81 ms vs 1.95 ms).
+        # uses torch's there (measured here: 1M params in 4 tensors, 0.67 ms vs 0.79 ms a step).
         self.cpu_list_kernel = torch_fused if cpu_kernel == "auto" else self.cpu_kernel
         if placement == "auto":
             from offload.perf_model import plan_placement
