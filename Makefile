@@ -5,16 +5,25 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: train test lint format install clean
+.PHONY: train test lint format install clean ds-ops
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 # Reinstall when pyproject.toml changes. torch is pinned (CPU wheel here, CUDA on a GPU box).
-# The dali extra (NVIDIA DALI, ~425 MB wheel) is installed so CI tests data.backend=dali for real.
+# The dali extra (NVIDIA DALI, ~425 MB wheel) is installed so CI tests data.backend=dali for real;
+# the offload extra (DeepSpeed) so the tests and benchmarks compare against DeepSpeed's ops.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,dali]"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,dali,offload]"
 	touch $(STAMP)
+
+# DeepSpeed's cpu_adam and async_io are JIT-built once into torch's extension cache (about 4 min
+# on 2 cores; async_io needs Debian's libaio-dev and is skipped with a message without it), so
+# tests and `offload.*=auto` can use them; a training run never waits for a C++ build.
+DSOPS := $(VENV)/.dsops
+$(DSOPS): $(STAMP)
+	$(BIN)/python -m offload.build_ops
+	touch $(DSOPS)
 
 # TorchRec (DLRM/DMT) pairs with torch by minor version. Its metadata pulls an unpinned CUDA
 # fbgemm-gpu that breaks `import fbgemm_gpu` on CPU, so it is installed without deps, next to the
@@ -26,7 +35,10 @@ $(TORCHREC): $(STAMP)
 	$(BIN)/pip install -q --disable-pip-version-check tensordict==0.15.3 torchmetrics==1.9.0 pyre-extensions==0.0.32
 	touch $(TORCHREC)
 
-install: $(STAMP) $(TORCHREC)
+install: $(STAMP) $(TORCHREC) $(DSOPS)
+
+ds-ops: $(STAMP)  # rebuild the DeepSpeed ops (e.g. after clearing ~/.cache/torch_extensions)
+	$(BIN)/python -m offload.build_ops
 
 train: $(STAMP) $(TORCHREC)
 	$(BIN)/python -m train $(ARGS)
@@ -35,7 +47,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: $(STAMP) $(TORCHREC) lint
+test: $(STAMP) $(TORCHREC) $(DSOPS) lint
 	$(BIN)/python -m pytest $(ARGS)
 
 format: $(STAMP)
