@@ -2,13 +2,18 @@
 
 One process, one model (Llama-style GPT, ~50M params; AdamW state: ~600 MB to save), the same
 step for every method. Per method and repeat: train to a steady state, checkpoint after an
-optimizer step, keep training; the stall is the time of the save call plus the following
-``--after`` iterations, minus the same number of iterations run right after without a checkpoint
-(a paired control, so load from other processes cancels). Also: time to durable (call -> committed and fsynced), peak extra host RSS while it runs, and checkpoint bytes
-per second of stall. Training uses one intra-op thread so a core is free for background work,
-as the accelerator leaves the host CPUs free in the setting DataStates-LLM targets.
+optimizer step, keep training. The stall is the issue's definition: the save call plus, for
+every following iteration until the iteration time is back to baseline, its time minus the
+no-checkpoint median. "Back to baseline" is taken as the first iteration that starts after the
+checkpoint is durable (no background work is left to slow it); the baseline is the median of as
+many iterations run right after without a checkpoint (a paired control, so slow phases of the
+shared machine cancel instead of counting as stall). Methods rotate their order every repeat.
+Also: time to durable (call -> committed and fsynced), peak extra host RSS while it runs, and
+checkpoint bytes per second of stall. Training uses one intra-op thread so a core is free for
+background work, as the accelerator leaves the host CPUs free in the setting DataStates-LLM
+targets.
 
-Usage: python -m benchmarks.checkpoint [--dim 640 --layers 10 --repeats 7]
+Usage: python -m benchmarks.checkpoint [--dim 640 --layers 10 --repeats 15]
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ import argparse
 import os
 import shutil
 import tempfile
-import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -37,23 +41,27 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
 class PeakRSS:
-    """Samples the resident set every 5 ms; ``peak`` minus the start value = extra host memory."""
+    """Peak resident set while the block runs, minus the start value = extra host memory.
+
+    Uses the kernel's high-water mark (reset through ``/proc/self/clear_refs``) rather than a
+    sampling thread: a thread waking every few milliseconds would take the GIL from the training
+    loop it measures and be counted as checkpoint stall."""
 
     def __enter__(self) -> PeakRSS:
-        self.start = self.peak = rss()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        self.start = rss()
+        self.peak = self.start
         return self
 
-    def _run(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, rss())
-
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._t.join()
+        self.peak = max(self.start, _status_kb("VmHWM") * 1024)
 
 
 def fsync_tree(path: Path) -> None:
@@ -69,8 +77,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--after", type=int, default=8, help="iterations measured after a save")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--max-after", type=int, default=10, help="cap on iterations after a save")
     a = ap.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -125,22 +133,34 @@ def main() -> None:
             else:
                 mgr.save_async(rep + 1)
             first = time.perf_counter() - t_call  # the save call blocks this iteration
-            times, blocked = [], [0.0]
+            times, blocked, started, durable_at = [], [0.0], [], [float("inf")]
 
             def timed_wait() -> None:
                 t0 = time.perf_counter()
                 mgr.wait_before_update()
                 blocked[0] += time.perf_counter() - t0
 
-            for _ in range(a.after):
-                times.append(step(timed_wait if method == "ours" else None))
+            if method == "torch.save":
+                durable_at[0] = time.perf_counter()
+
+            def poll() -> None:
+                """Note when the checkpoint became durable (committed and fsynced)."""
                 if pending is not None and pending.done() and not durable:
                     pending.result()
                     fsync_tree(out)
                     durable.append(time.perf_counter() - t_call)
+                    durable_at[0] = time.perf_counter()
                 if method == "ours" and mgr.job is not None and mgr.job.done.is_set():
                     durable.append(mgr.job.durable_s)
+                    durable_at[0] = mgr.job.t0 + mgr.job.durable_s
                     mgr.wait()
+
+            # Measure iterations up to and including the first one that starts after the
+            # checkpoint is durable: from there on nothing of it can slow training.
+            while len(times) < a.max_after and not (started and durable_at[0] <= started[-1]):
+                started.append(time.perf_counter())
+                times.append(step(timed_wait if method == "ours" else None))
+                poll()
             if pending is not None and not durable:
                 pending.result()
                 fsync_tree(out)
@@ -148,12 +168,12 @@ def main() -> None:
             if method == "ours" and mgr.job is not None:
                 mgr.wait()
                 durable.append(mgr.stats[-1]["durable_s"])
-        # Paired control: the same number of iterations without a checkpoint, right after.
-        # The stall is the difference of the two sums, so background load that slows both
-        # cancels out instead of being counted as checkpoint stall.
-        control = [step() for _ in range(a.after)]
-        stall = max(0.0, first + sum(times) - sum(control))
-        extra = [t - c for t, c in zip(times, control)]
+        # Paired control: as many iterations without a checkpoint, right after; their median is
+        # the baseline each measured iteration is compared with.
+        control = [step() for _ in range(max(3, len(times)))]
+        base_i = median(control)
+        extra = [t - base_i for t in times]
+        stall = max(0.0, first + sum(extra))
         shutil.rmtree(out, ignore_errors=True)
         return {
             "stall_s": stall,
@@ -161,13 +181,14 @@ def main() -> None:
             "blocked_before_update_s": blocked[0],
             "durable_s": durable[0],
             "peak_extra_rss_mb": (mem.peak - mem.start) / 2**20,
+            "iters_until_baseline": len(times),
             "iter_excess_s": extra,
         }
 
     methods = ["torch.save", "dcp.async_save", "ours"]
     raw: dict[str, list[dict]] = {m: [] for m in methods}
     for rep in range(a.repeats):
-        for m in methods:
+        for m in methods[rep % 3 :] + methods[: rep % 3]:
             for _ in range(2):  # settle between methods
                 step()
             raw[m].append(run(m, rep))
@@ -215,9 +236,11 @@ def main() -> None:
         table,
         notes=(
             f"GPT {n_params / 1e6:.1f}M params, {state_bytes / 2**20:.0f} MiB model+AdamW state, "
-            f"baseline iteration {base:.3f}s (1 intra-op thread), median of {a.repeats} repeats. "
-            f"Stall = save call + the next {a.after} iterations minus the same number of "
-            "iterations right after without a checkpoint (paired control). call_s = time in the "
+            f"baseline iteration {base:.3f}s (1 intra-op thread), median of {a.repeats} repeats "
+            "(methods in rotating order). Stall = save call + the excess over baseline of every "
+            "iteration until the first one that starts after the checkpoint is durable; baseline "
+            "= median of as many iterations right after without a checkpoint (paired control). "
+            "call_s = time in the "
             "save call; blocked_before_update_s = time ours waited for its snapshot before the "
             "optimizer step. CPU only (no GPU in this environment): pinned-memory D2H copies "
             "untested."

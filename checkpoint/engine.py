@@ -19,7 +19,8 @@ reusable arena, and a commit with integrity hashes, so this part is written here
 Test hooks (environment ``LATTICE_CKPT_TEST_HOOK``, comma-separated ``key=value``):
 ``copy_delay_s`` sleeps per copied piece; ``pause_after_bytes`` + ``pause_marker`` make the
 writer touch the marker and sleep forever after that many bytes (a test then SIGKILLs us);
-``enospc_after_bytes`` raises ``ENOSPC`` as a full disk would.
+``pause_at=<point>`` + ``pause_marker`` do the same at a named point of the commit
+(``pause_point``); ``enospc_after_bytes`` raises ``ENOSPC`` as a full disk would.
 """
 
 from __future__ import annotations
@@ -54,6 +55,24 @@ def _background_priority(nice: int = 10) -> None:
 def test_hooks() -> dict[str, str]:
     raw = os.environ.get("LATTICE_CKPT_TEST_HOOK", "")
     return dict(kv.split("=", 1) for kv in raw.split(",") if "=" in kv)
+
+
+def pause_point(hooks: dict[str, str], point: str) -> None:
+    """Crash-test hook: at ``point`` (when ``pause_at`` names it) touch the marker and hang, so
+    the test can SIGKILL this process exactly there."""
+    if hooks.get("pause_at") == point:
+        _pause(hooks)
+
+
+def _pause(hooks: dict[str, str]) -> None:
+    Path(hooks["pause_marker"]).write_text(str(os.getpid()))
+    while True:
+        time.sleep(3600)
+
+
+# Largest piece copied, hashed and written at once. Measured on the 2-core CPU box (stall of the
+# iterations after a lazy save): 64 MiB pieces stalled less than 4 MiB or 1 MiB ones.
+PIECE_BYTES = 64 << 20
 
 
 class HostRing:
@@ -166,7 +185,7 @@ class SnapshotEngine:
         """Start copier and writer threads; with ``lazy=False`` the copy finishes before return."""
         ring = self._ring_for(job.file_bytes)
         pieces: queue.Queue = queue.Queue()
-        piece_max = max(1, min(ring.size // 4 if ring.size >= 1 << 20 else ring.size, 64 << 20))
+        piece_max = max(1, min(ring.size // 4 if ring.size >= 1 << 20 else ring.size, PIECE_BYTES))
         copier = threading.Thread(
             target=self._copy, args=(job, ring, pieces, piece_max), daemon=True, name="ckpt-copy"
         )
@@ -230,9 +249,7 @@ class SnapshotEngine:
                         h.update(mv)
                         pos += n
                         if 0 <= pause_after <= pos:
-                            Path(self.hooks["pause_marker"]).write_text(str(os.getpid()))
-                            while True:
-                                time.sleep(3600)
+                            _pause(self.hooks)
                     except OSError as e:
                         job.error = job.error or CheckpointError(
                             f"writing {job.shard_path} failed: {e} (disk full? free space or "

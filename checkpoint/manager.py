@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from checkpoint.engine import SaveJob, SnapshotEngine, WriteItem
+from checkpoint.engine import SaveJob, SnapshotEngine, WriteItem, pause_point
 from checkpoint.format import (
     FORMAT,
     INDEX,
@@ -180,6 +180,14 @@ def _local_numel(p: torch.Tensor) -> int:
     return p.to_local().numel() if isinstance(p, DTensor) else p.numel()
 
 
+def _latest_step(root: Path) -> int | None:
+    """Step of the checkpoint ``root/latest`` resolves to, or None when there is none."""
+    try:
+        return int(resolve(root, "latest").name.removeprefix("step_"))
+    except (CheckpointError, ValueError, OSError):
+        return None
+
+
 class Manager:
     """Checkpoint saving and resuming for one rank of a run.
 
@@ -217,7 +225,9 @@ class Manager:
         self.model = self.optimizer = self.scheduler = self.loader = None
         self.rng: torch.Generator | None = None
         self._writer_plan: dict[tuple, int] | None = None
-        self.last_committed: int | None = None
+        self._chunk_cache: tuple[tuple, list[LocalChunk]] | None = None
+        # A restarted run's errors name the checkpoint `latest` still points at.
+        self.last_committed: int | None = _latest_step(self.root)
         self.last_saved: int | None = None
         self.stats: list[dict] = []
         self._lock = threading.Lock()
@@ -265,11 +275,39 @@ class Manager:
         osd = get_optimizer_state_dict(self.model, self.optimizer)
         return msd, osd
 
-    def _chunks(self) -> tuple[list[LocalChunk], dict]:
+    def _chunks(self) -> list[LocalChunk]:
+        """This rank's chunks, as views of the live tensors.
+
+        DCP's state-dict functions cost tens of milliseconds on the training thread, so their
+        result is reused while the same tensors (same storage, same sizes) hold the state:
+        the cached chunks are views of that storage, so they see the current values. Only
+        optimizers that keep their state as tensors in ``optimizer.state`` (torch's) qualify;
+        others (offload tiers) may hand out copies and are asked every time."""
+        fp = self._fingerprint()
+        cached = self._chunk_cache
+        if fp is not None and cached is not None and cached[0] == fp:
+            return cached[1]
         msd, osd = self._state()
         pad = vocab_padding(self.model)
         chunks = local_chunks(msd, "model", pad) + local_chunks(osd["state"], "optim", pad)
-        return chunks, osd
+        live = {ptr for ptr, _ in fp or ()}
+        aliased = all(c.local.untyped_storage().data_ptr() in live for c in chunks)
+        self._chunk_cache = (fp, chunks) if fp is not None and aliased else None
+        return chunks
+
+    def _fingerprint(self) -> tuple | None:
+        """(storage pointer, bytes) of every tensor the state dict is made of, or None when
+        the optimizer does not hold its state as plain tensors (then nothing is cached)."""
+        if type(self.optimizer).state_dict is not torch.optim.Optimizer.state_dict:
+            return None
+        ts = [*self.model.parameters(), *self.model.buffers()]
+        ts += [v for st in self.optimizer.state.values() for v in st.values()]
+        out = []
+        for t in ts:
+            if isinstance(t, torch.Tensor):
+                local = t.to_local() if isinstance(t, DTensor) else t
+                out.append((local.untyped_storage().data_ptr(), local.untyped_storage().nbytes()))
+        return tuple(out)
 
     def _plan_writers(self, chunks: list[LocalChunk]) -> dict[tuple, int]:
         """Each distinct (name, box) is written once, by the lowest rank that holds it."""
@@ -297,7 +335,7 @@ class Manager:
         if self.model is None:
             raise CheckpointError("Manager.save_async before maybe_resume/attach")
         self.wait()  # at most one checkpoint in flight
-        chunks, osd = self._chunks()
+        chunks = self._chunks()
         plan = self._plan_writers(chunks)
         step_dir = self.root / step_dir_name(step)
         shard_rel = f"shards/rank_{self.rank:05d}.bin"
@@ -319,7 +357,9 @@ class Manager:
             rank_state["generator"] = encode_tensor(self.rng.get_state())
         train_state = None
         if self.rank == 0:
-            groups = [{k: v for k, v in g.items() if k != "params"} for g in osd["param_groups"]]
+            groups = [
+                {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
+            ]
             train_state = {
                 "step": step,
                 "scheduler": _jsonable(self.scheduler.state_dict()) if self.scheduler else None,
@@ -443,7 +483,9 @@ class Manager:
             "tensors": {n: tensors[n].to_json() for n in sorted(tensors)},
             "manifest": dict(sorted(manifest.items())),
         }
+        pause_point(self.engine.hooks, "before_index")
         atomic_write(step_dir / INDEX, json_bytes(index))  # the commit point
+        pause_point(self.engine.hooks, "before_latest")
         atomic_write(self.root / LATEST, (step_dir.name + "\n").encode())
         self._retain(step_dir)
 

@@ -1,5 +1,7 @@
-"""Crash safety: SIGKILL a rank, or the process whose background writer is mid-file, during a
-save; ``latest`` still names the previous complete checkpoint, which loads on another layout."""
+"""Crash safety: SIGKILL a rank during a save: the rank whose writer is mid-file, a rank that is
+not writing, the single process of a run, or rank 0 inside the commit (before the index rename,
+between it and the ``latest`` rename). ``latest`` still names a complete checkpoint, which loads
+on another layout, and an uncommitted step is never taken for one."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ pytestmark = pytest.mark.distributed
 WORKER = Path(__file__).with_name("ckpt_crash_worker.py")
 
 
-def _spawn(root: Path, world: int, victim: int, marker: Path) -> list[subprocess.Popen]:
+def _spawn(root: Path, world: int, paused: int, hook: str) -> list[subprocess.Popen]:
     port = free_port()
     procs = []
     for r in range(world):
@@ -35,26 +37,45 @@ def _spawn(root: Path, world: int, victim: int, marker: Path) -> list[subprocess
             "MASTER_PORT": str(port),
             "OMP_NUM_THREADS": "1",
         }
-        if r == victim:  # this rank's writer pauses after 4 KiB of the step-2 shard
-            env["CRASH_HOOK"] = f"pause_after_bytes=4096,pause_marker={marker}"
+        if r == paused:  # this rank's writer pauses at the hook's point of the step-2 save
+            env["CRASH_HOOK"] = hook
         procs.append(subprocess.Popen([sys.executable, str(WORKER), str(root)], env=env))
     return procs
 
 
+MID_SHARD = "pause_after_bytes=4096"  # after 4 KiB of the step-2 shard
+
+
 @pytest.mark.parametrize(
-    ("world", "victim"), [(2, 1), (1, 0)], ids=["sigkill_rank1_of_2", "sigkill_writer_process"]
+    ("world", "paused", "victim", "hook", "committed"),
+    [
+        (2, 1, 1, MID_SHARD, False),
+        (2, 1, 0, MID_SHARD, False),
+        (1, 0, 0, MID_SHARD, False),
+        (2, 0, 0, "pause_at=before_index", False),
+        (2, 0, 0, "pause_at=before_latest", True),
+    ],
+    ids=[
+        "rank1_mid_shard",
+        "rank0_while_rank1_mid_shard",
+        "single_process_mid_shard",
+        "rank0_before_index",
+        "rank0_between_index_and_latest",
+    ],
 )
-def test_sigkill_mid_save_keeps_previous_checkpoint(tmp_path: Path, world: int, victim: int):
+def test_sigkill_mid_save_keeps_previous_checkpoint(
+    tmp_path: Path, world: int, paused: int, victim: int, hook: str, committed: bool
+):
     root, marker = tmp_path / "ckpts", tmp_path / "paused"
-    procs = _spawn(root, world, victim, marker)
+    procs = _spawn(root, world, paused, f"{hook},pause_marker={marker}")
     try:
         deadline = time.time() + 90
         while not marker.exists():
             assert time.time() < deadline, "writer never reached the pause point"
             assert all(p.poll() is None for p in procs), "a rank exited early"
             time.sleep(0.1)
-        shard = root / "step_00000002" / "shards" / f"rank_{victim:05d}.bin"
-        assert shard.stat().st_size > 0  # the victim really is mid-write
+        shard = root / "step_00000002" / "shards" / f"rank_{paused:05d}.bin"
+        assert shard.stat().st_size > 0  # the paused rank really is inside the step-2 save
         os.kill(procs[victim].pid, signal.SIGKILL)
         procs[victim].wait(timeout=10)
     finally:
@@ -64,7 +85,11 @@ def test_sigkill_mid_save_keeps_previous_checkpoint(tmp_path: Path, world: int, 
             p.wait(timeout=10)
     assert resolve(root, "latest").name == "step_00000001"
     assert (root / "latest").read_text().strip() == "step_00000001"
-    assert not (root / "step_00000002" / "index.json").exists()
+    # Killed after the index rename, step 2 is complete (the index is written last) and loads;
+    # before it, step 2 has no index and is never mistaken for a checkpoint.
+    assert (root / "step_00000002" / "index.json").exists() == committed
+    if committed:
+        assert load_consolidated(root / "step_00000002")["model/0.weight"].shape == (256, 256)
     # The previous checkpoint is complete: it verifies and loads into one process.
     state = load_consolidated(root / "step_00000001")
     assert state["model/0.weight"].shape == (256, 256)

@@ -138,27 +138,40 @@ def test_full_disk_fails_clearly_and_keeps_previous(tmp_path: Path, monkeypatch)
             subprocess.run(["umount", str(root)], check=False)
 
 
-def _lazy_save_during_next_step(tmp_path: Path, guard: bool) -> tuple[dict, dict]:
-    model, opt = make(width=128)
-    mgr = Manager(args(tmp_path, "lazy_async"), tmp_path)
+def _lazy_save_during_next_step(
+    tmp_path: Path, guard: bool, width: int, host_buffer_mb: int
+) -> tuple[dict, dict, object]:
+    model, opt = make(width=width)
+    mgr = Manager(args(tmp_path, "lazy_async", host_buffer_mb=host_buffer_mb), tmp_path)
     mgr.attach(model, opt)
     train_step(model, opt, 1)
     ref = snapshot(model, opt)  # synchronous snapshot at step 1
     mgr.save_async(1)
-    assert not mgr.job.copy_done.is_set()  # lazy: nothing copied yet at return
+    job = mgr.job
+    assert not job.copy_done.is_set()  # lazy: nothing copied yet at return
     train_step(model, opt, 2, mgr if guard else None)  # the next step's update
     mgr.finalize()
-    return ref, load_consolidated(tmp_path / "step_00000001")
+    return ref, load_consolidated(tmp_path / "step_00000001"), job
 
 
-def test_lazy_snapshot_equals_sync_snapshot(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("LATTICE_CKPT_TEST_HOOK", "copy_delay_s=0.02")  # copy slower than a step
-    ref, got = _lazy_save_during_next_step(tmp_path / "guarded", guard=True)
+@pytest.mark.parametrize(
+    ("width", "host_buffer_mb"), [(128, 1024), (1024, 1)], ids=["state_fits", "state_12x_budget"]
+)
+def test_lazy_snapshot_equals_sync_snapshot(
+    tmp_path: Path, monkeypatch, width: int, host_buffer_mb: int
+) -> None:
+    """The update waits until the snapshot is on the host (streamed through the arena when the
+    state is larger than the budget), and the file equals a synchronous snapshot bit for bit."""
+    monkeypatch.setenv("LATTICE_CKPT_TEST_HOOK", "copy_delay_s=0.02")  # reads slower than a step
+    ref, got, job = _lazy_save_during_next_step(tmp_path / "guarded", True, width, host_buffer_mb)
+    assert job.copy_s > 0.02  # the copy really was still running when the update came
+    if host_buffer_mb == 1:
+        assert job.file_bytes > 12 * (1 << 20)  # streamed through a 1 MiB arena
     assert ref.keys() == got.keys()
     for k in ref:
         assert torch.equal(got[k], ref[k]), k
     # Control: without wait_before_update the update leaks into the copy, and this test sees it.
-    ref, got = _lazy_save_during_next_step(tmp_path / "unguarded", guard=False)
+    ref, got, _ = _lazy_save_during_next_step(tmp_path / "unguarded", False, width, host_buffer_mb)
     assert any(not torch.equal(got[k], ref[k]) for k in ref)
 
 
