@@ -41,10 +41,10 @@ TIMING_TOPOLOGIES = ((2, 2), (2, 4))
 OUT = Path(__file__).resolve().parent / "results"
 
 
-def _setup(rank: int, world: int, local_world: int, kind: str, link: dict | None):
+def _setup(rank: int, world: int, local_world: int, kind: str):
     from models.dlrm import DLRM
     from models.dmt import DMT
-    from parallelism.dmt import Comm, ShardedDLRM, ShardedDMT, SlowLink
+    from parallelism.dmt import Comm, ShardedDLRM, ShardedDMT
     from parallelism.init import materialize_and_init_
     from parallelism.topology import Topology, build_host_groups
     from train.recsys_data import SyntheticClicks
@@ -59,7 +59,7 @@ def _setup(rank: int, world: int, local_world: int, kind: str, link: dict | None
         else:
             plain = DMT(NUM_DENSE, towers, DIM, CARD, 1 if kind == "sptt_tm" else 0)
     materialize_and_init_(plain, 0)
-    comm = Comm(topo, rank, SlowLink(**link) if link else None)
+    comm = Comm(topo, rank)  # the timing run switches comm.link on and off
     cls = ShardedDLRM if kind == "flat" else ShardedDMT
     model = cls(copy.deepcopy(plain), topo, groups, comm, rank)
     return topo, data, towers, model, comm
@@ -70,7 +70,7 @@ def _bytes(rank: int, world: int, local_world: int) -> dict:
 
     out = {}
     for kind in KINDS:
-        topo, data, towers, model, comm = _setup(rank, world, local_world, kind, None)
+        topo, data, towers, model, comm = _setup(rank, world, local_world, kind)
         b = data.batch("train", 0, world * BATCH).slice(rank * BATCH, (rank + 1) * BATCH)
         F.binary_cross_entropy_with_logits(model(b.dense, b.sparse), b.labels).backward()
         k = [1] * len(towers) if kind == "sptt_tm" else [len(t) for t in towers]
@@ -96,7 +96,7 @@ def _timing(rank: int, world: int, local_world: int, rounds: int, steps: int) ->
     from parallelism.dmt import SlowLink
 
     link = SlowLink(**LINK)
-    built = {kind: _setup(rank, world, local_world, kind, None) for kind in KINDS}
+    built = {kind: _setup(rank, world, local_world, kind) for kind in KINDS}
     opts = {k: torch.optim.AdamW(v[3].parameters(), lr=1e-3) for k, v in built.items()}
     data = built["flat"][1]
     batches = [
