@@ -74,10 +74,13 @@ class Comm:
     cross_host_msgs: int = 0
     intra_host_bytes: int = 0
     injected_s: float = 0.0
+    """Delay the link asked for (``SlowLink.delay`` summed over collectives)."""
+    slept_s: float = 0.0
+    """Delay actually spent sleeping (``injected_s`` plus the OS's wake-up lateness)."""
 
     def reset(self) -> None:
         self.cross_host_bytes = self.cross_host_msgs = self.intra_host_bytes = 0
-        self.injected_s = 0.0
+        self.injected_s = self.slept_s = 0.0
 
     def _account(self, ranks: list[int], send_bytes: list[int]) -> None:
         remote, peers = 0, 0
@@ -94,7 +97,9 @@ class Comm:
         if self.link is not None and remote:
             d = self.link.delay(remote, peers)
             self.injected_s += d
+            t0 = time.perf_counter()
             time.sleep(d)
+            self.slept_s += time.perf_counter() - t0
 
     def all_to_all(
         self,
@@ -493,6 +498,53 @@ class ShardedDMT(_ShardedBase):
         ]
 
 
+def analytic_cross_host_traffic(
+    kind: str,
+    topo: Topology,
+    names: list[str],
+    towers: list[list[str]],
+    tower_k: list[int],
+    dim: int,
+    batch: int,
+) -> list[tuple[int, int]]:
+    """Per rank, the cross-host ``(bytes, messages)`` it sends in one step (forward +
+    backward) for one id per feature and sample: ids (int64) + lengths (int32) forward, fp32
+    embeddings forward and their gradients backward. A message is one (all-to-all, remote peer)
+    pair with a non-empty payload, the unit ``SlowLink`` charges its latency on; with the bytes
+    it gives the delay the link injects: ``SlowLink.delay(bytes, messages)``.
+
+    Args:
+        kind: ``flat`` (table-wise over the world) or ``sptt`` (towers on hosts; tower_k[t] = n_t
+            without tower modules).
+        batch: samples per rank.
+    """
+    id_b, emb_b = 8 + 4, 4 * dim * 2
+    out = []
+    if kind == "flat":
+        owner = place_tables_flat(names, topo, dim)
+        owns = {owner[f] for f in names}
+        for r in range(topo.world_size):
+            remote = [j for j in range(topo.world_size) if topo.host(j) != topo.host(r)]
+            n_remote = sum(topo.host(owner[f]) != topo.host(r) for f in names)
+            to_owners = sum(j in owns for j in remote)  # lengths, values, embedding gradients
+            back = len(remote) if r in owns else 0  # the pooled embeddings I serve
+            out.append((n_remote * batch * (id_b + emb_b), 3 * to_owners + back))
+        return out
+    tower_host = place_towers(towers, topo, dim).tower_host
+    busy = set(tower_host)
+    for r in range(topo.world_size):
+        h = topo.host(r)
+        nbytes = sum(
+            batch * (len(fs) * id_b + tower_k[t] * emb_b)
+            for t, fs in enumerate(towers)
+            if tower_host[t] != h
+        )
+        to_hosts = sum(hh in busy for hh in range(topo.hosts) if hh != h)
+        back = topo.hosts - 1 if h in busy else 0  # tower outputs to every peer
+        out.append((nbytes, 3 * to_hosts + back))
+    return out
+
+
 def analytic_cross_host_bytes(
     kind: str,
     topo: Topology,
@@ -502,26 +554,7 @@ def analytic_cross_host_bytes(
     dim: int,
     batch: int,
 ) -> int:
-    """Cross-host bytes of one step (forward + backward, summed over ranks) for one id per
-    feature and sample: ids (int64) + lengths (int32) forward, fp32 embeddings forward and their
-    gradients backward.
-
-    Args:
-        kind: ``flat`` (table-wise over the world) or ``sptt`` (towers on hosts; tower_k[t] = n_t
-            without tower modules).
-        batch: samples per rank.
-    """
-    id_b, emb_b = 8 + 4, 4 * dim * 2
-    total = 0
-    if kind == "flat":
-        owner = place_tables_flat(names, topo, dim)
-        for r in range(topo.world_size):
-            remote = sum(topo.host(owner[f]) != topo.host(r) for f in names)
-            total += remote * batch * (id_b + emb_b)
-        return total
-    tower_host = place_towers(towers, topo, dim).tower_host
-    for r in range(topo.world_size):
-        for t, fs in enumerate(towers):
-            if tower_host[t] != topo.host(r):
-                total += batch * (len(fs) * id_b + tower_k[t] * emb_b)
-    return total
+    """Cross-host bytes of one step summed over ranks (``analytic_cross_host_traffic``)."""
+    return sum(
+        b for b, _ in analytic_cross_host_traffic(kind, topo, names, towers, tower_k, dim, batch)
+    )

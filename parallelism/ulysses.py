@@ -6,9 +6,11 @@ each sequence, (B, S/sp, H, D). Around attention one all-to-all swaps sequence s
 sharding, (B, S, H/sp, D), the unchanged attention runs on full sequences for its heads (causal
 mask and rotary embedding are right because rotary was applied with the global positions before
 the swap), and a second all-to-all swaps back. Everything outside attention (norms, MLP, loss)
-stays sequence-sharded. Per layer and rank the traffic is 4 all-to-alls of B*S*H*D/sp elements
-(q, k, v in; output out) of which a (sp-1)/sp share leaves the rank: constant when S and sp grow
-together, unlike all-gather based schemes.
+stays sequence-sharded. Per layer and rank the forward hands 4 all-to-alls B*S*H*D/sp elements each
+(q, k, v in; output out; the backward mirrors them): the paper's per-link volume M/P, constant when
+S and sp grow together. A (sp-1)/sp share of it leaves the rank, so off-rank bytes stay below that
+payload, whereas all-gather based schemes send (sp-1) times the local K/V shard.
+``benchmarks/ulysses.py`` counts both at the collectives.
 
 Why written here rather than taken from DeepSpeed: DeepSpeed's ``DistributedAttention`` expects
 its own (S, B, H, D) layout and process-group plumbing and carries DeepSpeed as a dependency; ours
@@ -28,9 +30,6 @@ from torch import nn
 
 from parallelism.dims import LayoutError
 
-# Bytes each rank sends through Ulysses all-to-alls (to other ranks), for benchmarks and tests.
-COMM_BYTES = {"sent": 0}
-
 
 def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """all_to_all_single over dim 0 (which must have ``group`` size chunks)."""
@@ -39,8 +38,6 @@ def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
         x
     )  # from the contiguous copy: empty_like keeps a permuted view's strides
     dist.all_to_all_single(out, x, group=group)
-    sp = dist.get_world_size(group)
-    COMM_BYTES["sent"] += x.numel() * x.element_size() * (sp - 1) // sp
     return out
 
 

@@ -197,6 +197,9 @@ class DataArgs:
     """``dali``: batches the pipeline prepares ahead of the trainer (prefetch queue depth)."""
     loader_threads: int = 2
     """``dali``: worker processes reading samples (and DALI CPU threads)."""
+    dali_device: str = "cpu"
+    """``dali``: where the pipeline puts its outputs: ``cpu`` or ``gpu`` (GPU ``LOCAL_RANK``;
+    needs CUDA; token shards only, the recommender path runs on CPU)."""
     # -- click data (``synthetic_clicks``, ``criteo``: data.path is the TSV file) --
     num_sparse: int = 16
     """``synthetic_clicks``: categorical features (Criteo: always 26)."""

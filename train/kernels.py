@@ -50,15 +50,21 @@ def apply_fused_rmsnorm(model: nn.Module) -> int:
     return n
 
 
-def describe_kernels(job: Any, fused_norms: int) -> str:
-    """One start-up line: which optimizer kernel and which RMSNorm the run uses, and why."""
+def describe_kernels(job: Any, fused_norms: int | None) -> str:
+    """One start-up line: which optimizer kernel and which RMSNorm the run uses, and why.
+
+    Args:
+        fused_norms: RMSNorms routed through apex (``apply_fused_rmsnorm``); ``None`` for a
+            model without RMSNorm (the recommenders).
+    """
     apex = apex_available()
     impl = job.optim.impl
     opt = "apex FusedAdam (AdamW mode)" if impl == "apex_fused_adam" else f"torch AdamW ({impl})"
-    norm = (
-        f"apex fused RMSNorm ({fused_norms} norms)"
-        if fused_norms
-        else "torch.nn.functional.rms_norm"
-    )
+    if fused_norms is None:
+        norm = "none (no RMSNorm in this model)"
+    elif fused_norms:
+        norm = f"apex fused RMSNorm ({fused_norms} norms)"
+    else:
+        norm = "torch.nn.functional.rms_norm"
     note = "NVIDIA apex found" if apex else "NVIDIA apex not installed"
     return f"kernels: optimizer {opt}, norm {norm} ({note}) | data.backend={job.data.backend}"

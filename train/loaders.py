@@ -7,9 +7,11 @@ samples. The sample order is decided by our sampler alone (``TokenLoader._sample
 token shards, the batch index for click data), never by the backend: both backends therefore
 yield bit-identical batches for the same seed, step range and data-parallel rank.
 
-DALI backend: a CPU pipeline (``device_id=None``; on a GPU box the same pipeline places its
-outputs with ``device_id``) fed by a *parallel* ``fn.external_source`` whose callback is a pure
-function of DALI's iteration counter. DALI runs ``data.loader_threads`` worker processes that
+DALI backend: a pipeline fed by a *parallel* ``fn.external_source`` whose callback is a pure
+function of DALI's iteration counter. ``data.dali_device=cpu`` (default) runs it on the CPU
+(``device_id=None``); ``data.dali_device=gpu`` (token shards only) gives it ``device_id =
+LOCAL_RANK`` and moves the windows to that GPU inside the pipeline (``.gpu()``), so casting and
+slicing run there and the trainer receives CUDA tensors. DALI runs ``data.loader_threads`` worker processes that
 read (memory-mapped token windows, or rows of click batches) ``data.prefetch`` batches ahead of
 the trainer, and its own CPU threads do the casting, input/target slicing and batching. DALI's
 file readers (``fn.readers.numpy``...) impose their own shuffling and sharding, which would break
@@ -23,6 +25,7 @@ micro-batch exactly as ``CriteoTSV.batch`` builds it.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -69,15 +72,32 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def _start_method() -> str:
-    """DALI worker start: ``fork`` (fast: no re-import) unless CUDA is initialised, where only
-    ``spawn`` is safe."""
-    return "spawn" if torch.cuda.is_initialized() else "fork"
+def _start_method(gpu: bool = False) -> str:
+    """DALI worker start: ``fork`` (fast: no re-import) unless CUDA is or will be initialised
+    in this process (by torch, or by a GPU pipeline's own build), where only ``spawn`` is safe."""
+    return "spawn" if gpu or torch.cuda.is_initialized() else "fork"
 
 
 def _to_torch(tl: Any) -> torch.Tensor:
-    """A dense DALI TensorListCPU -> a torch tensor that owns its memory."""
+    """A dense DALI TensorList (CPU or GPU) -> a torch tensor that owns its memory (DALI reuses
+    its output buffers on the next run)."""
+    from nvidia.dali.backend import TensorListGPU
+
+    if isinstance(tl, TensorListGPU):
+        from nvidia.dali.plugin.pytorch.torch_utils import to_torch_tensor
+
+        return to_torch_tensor(tl.as_tensor(), copy=True)
     return torch.from_numpy(np.array(tl.as_array()))
+
+
+DALI_DEVICES = ("cpu", "gpu")
+
+
+def dali_device_id(device: str) -> int | None:
+    """DALI's ``device_id``: ``None`` for a CPU pipeline, this process's LOCAL_RANK for GPU."""
+    if device not in DALI_DEVICES:
+        raise ValueError(f"data.dali_device={device!r}: use one of {', '.join(DALI_DEVICES)}")
+    return None if device == "cpu" else int(os.environ.get("LOCAL_RANK", "0"))
 
 
 class DaliTokenLoader:
@@ -88,6 +108,7 @@ class DaliTokenLoader:
         seq_len, global_batch, micro_batch, dp_rank, dp_size, seed, shuffle: as ``TokenLoader``.
         prefetch: batches DALI prepares ahead (``prefetch_queue_depth``).
         threads: DALI worker processes and CPU threads.
+        device: ``cpu`` or ``gpu`` (outputs on GPU ``LOCAL_RANK``; ``data.dali_device``).
     """
 
     def __init__(
@@ -102,7 +123,9 @@ class DaliTokenLoader:
         shuffle: bool = True,
         prefetch: int = 2,
         threads: int = 2,
+        device: str = "cpu",
     ) -> None:
+        self.device_id = dali_device_id(device)
         self._ref = TokenLoader(
             shards, seq_len, global_batch, micro_batch, dp_rank, dp_size, seed, shuffle
         )  # validates the data and holds the public state
@@ -128,14 +151,14 @@ class DaliTokenLoader:
             shuffle=self.shuffle,
         )
         src = _TokenSource(self.path, self.dtype, self.vocab, args, self.consumed)
-        S = self.seq_len
+        S, on_gpu = self.seq_len, self.device_id is not None
 
         @pipeline_def(
             batch_size=self.micro_batch,
             num_threads=self.threads,
-            device_id=None,
+            device_id=self.device_id,
             py_num_workers=self.threads,
-            py_start_method=_start_method(),
+            py_start_method=_start_method(on_gpu),
             prefetch_queue_depth=self.prefetch,
             exec_dynamic=True,
         )
@@ -147,7 +170,7 @@ class DaliTokenLoader:
                 dtype=types.UINT16 if self.dtype == "uint16" else types.UINT32,
                 ndim=1,
             )
-            seq = fn.cast(seq, dtype=types.INT64)
+            seq = fn.cast(seq.gpu() if on_gpu else seq, dtype=types.INT64)
             return seq[0:S], seq[1 : S + 1]
 
         self.close()
@@ -198,7 +221,9 @@ def build_token_loader(
     """The token loader ``data.backend`` names (``torch`` or ``dali``)."""
     args = (shards, seq_len, global_batch, micro_batch, dp_rank, dp_size, seed, shuffle)
     if data.backend == "dali":
-        return DaliTokenLoader(*args, prefetch=data.prefetch, threads=data.loader_threads)
+        return DaliTokenLoader(
+            *args, prefetch=data.prefetch, threads=data.loader_threads, device=data.dali_device
+        )
     return TokenLoader(*args)
 
 
@@ -249,8 +274,12 @@ def rec_rows(batch: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
     b = batch.labels.shape[0]
     kjt = batch.sparse
     lengths_FB = kjt.lengths().view(len(kjt.keys()), b)
-    if int(lengths_FB.max()) > 1:
-        raise ValueError("the DALI click loader carries one id per bag (Criteo/synthetic data)")
+    if lengths_FB.numel() and int(lengths_FB.max()) > 1:
+        raise ValueError(
+            f"data.backend=dali carries at most one id per bag (as Criteo and synthetic_clicks "
+            f"have), but this batch has bags of {int(lengths_FB.max())} ids: use "
+            "data.backend=torch"
+        )
     ids_FB = torch.full(lengths_FB.shape, -1, dtype=torch.long)
     ids_FB[lengths_FB == 1] = kjt.values()
     prob = batch.prob if batch.prob is not None else torch.full((b,), float("nan"))

@@ -58,11 +58,26 @@ def check_optional_packages(job: object) -> None:
     for name in ("prefetch", "loader_threads"):
         if getattr(d, name) < 1:
             raise MissingPackageError(f"data.{name}={getattr(d, name)} must be >= 1")
+    if d.dali_device not in ("cpu", "gpu"):
+        raise MissingPackageError(f"data.dali_device={d.dali_device!r} is unknown: use cpu or gpu")
+    if d.dali_device == "gpu" and d.backend != "dali":
+        raise MissingPackageError(
+            f"data.dali_device=gpu applies to data.backend=dali, not {d.backend!r}: set "
+            "data.backend=dali or data.dali_device=cpu"
+        )
     if d.backend == "dali" and not dali_available():
         raise MissingPackageError(
             f"data.backend=dali needs NVIDIA DALI ({DALI_PACKAGE}), which is not installed: "
             f"run `{DALI_INSTALL}` or set data.backend=torch"
         )
+    if d.backend == "dali" and d.dali_device == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise MissingPackageError(
+                "data.dali_device=gpu needs a CUDA device and none is visible: set "
+                "data.dali_device=cpu"
+            )
     if job.optim.impl == "apex_fused_adam" and not apex_available():
         raise MissingPackageError(
             "optim.impl=apex_fused_adam needs NVIDIA apex (apex.optimizers.FusedAdam), which "

@@ -32,6 +32,7 @@ from models.dmt import DMT
 from models.partitioner import TowerPlan, contiguous_plan, interaction_affinity, plan_from_affinity
 from parallelism.dims import LayoutError
 from parallelism.init import materialize_and_init_
+from train.kernels import describe_kernels
 from train.loaders import build_rec_loader
 from train.metrics import MetricsLogger, plot_loss
 from train.recsys_data import CriteoTSV, RecDataError, SyntheticClicks
@@ -84,6 +85,11 @@ def validate_recsys(job: object, dims: object) -> None:
         raise LayoutError(
             f"model.tower_plan={m.tower_plan!r} is not a file: use auto, round_robin or the "
             "path of a plan written by a previous run (tower_plan.yaml)"
+        )
+    if job.data.dali_device != "cpu":
+        raise LayoutError(
+            f"data.dali_device={job.data.dali_device}: the recommender path runs on CPU/gloo, "
+            "so its DALI pipeline does too; set data.dali_device=cpu"
         )
     if job.optim.grad_clip > 0:
         raise LayoutError(
@@ -257,6 +263,7 @@ class RecsysTrainer:
             f"local params) | ranks: {self.world} | LOCAL_WORLD_SIZE: "
             f"{os.environ.get('LOCAL_WORLD_SIZE', self.world)}"
         )
+        self.metrics.write(describe_kernels(self.job, None))
         start, last = time.perf_counter(), {}
         while self.step < t.steps:
             t0 = time.perf_counter()

@@ -87,8 +87,29 @@ def _torchrec_tw_err(world: int, plain, mine) -> float:
     return max((got[k] - ref[k]).abs().max().item() for k in ref)
 
 
+def _cross_host_counts(kind, model, comm, data, towers, topo, rank: int) -> dict:
+    """One forward + backward on a batch with one id per feature (the closed form's
+    assumption): this rank's counted cross-host bytes and messages, and the analytic ones."""
+    from parallelism.dmt import analytic_cross_host_traffic
+
+    comm.reset()
+    n = topo.world_size * B
+    std = data.batch("train", 0, n).slice(rank * B, (rank + 1) * B)
+    F.binary_cross_entropy_with_logits(model(std.dense, std.sparse), std.labels).backward()
+    k = [1] * len(towers) if kind == "sptt_tm" else [len(t) for t in towers]
+    traffic = analytic_cross_host_traffic(
+        "flat" if kind == "flat" else "sptt", topo, data.names, towers, k, DIM, B
+    )
+    return {
+        "bytes": comm.cross_host_bytes,
+        "msgs": comm.cross_host_msgs,
+        "analytic": sum(b for b, _ in traffic),
+        "analytic_rank": traffic[rank],
+    }
+
+
 def _layouts(rank: int, world: int, local_world: int) -> dict:
-    from parallelism.dmt import Comm, ShardedDLRM, ShardedDMT, analytic_cross_host_bytes
+    from parallelism.dmt import Comm, ShardedDLRM, ShardedDMT
     from parallelism.topology import Topology, build_host_groups
     from train.recsys_data import SyntheticClicks
 
@@ -126,21 +147,13 @@ def _layouts(rank: int, world: int, local_world: int) -> dict:
             (p - ref_p[model.plain_name(name)]).abs().max().item()
             for name, p in model.named_parameters()
         )
-        # bytes: one id per feature (the analytic formula's assumption)
-        comm.reset()
-        std = data.batch("train", 0, n).slice(rank * B, (rank + 1) * B)
-        F.binary_cross_entropy_with_logits(model(std.dense, std.sparse), std.labels).backward()
-        k = [1] * len(towers) if kind == "sptt_tm" else [len(t) for t in towers]
         out[kind] = {
             "logit_err": (logits - ref_logits[rank * B : (rank + 1) * B]).abs().max().item(),
             "grad_err": grad_err,
             "weight_err": weight_err,
             "n_local_params": n_local,
             "torchrec_tw_err": _torchrec_tw_err(world, plain, mine) if kind == "flat" else 0.0,
-            "bytes": comm.cross_host_bytes,
-            "analytic": analytic_cross_host_bytes(
-                "flat" if kind == "flat" else "sptt", topo, data.names, towers, k, DIM, B
-            ),
+            **_cross_host_counts(kind, model, comm, data, towers, topo, rank),
         }
     return out
 
@@ -156,8 +169,46 @@ def test_sptt_and_flat_tw_equal_single_process_2x2() -> None:
             assert r[kind]["logit_err"] <= 1e-6, (kind, r[kind])
             assert r[kind]["grad_err"] <= 1e-6, (kind, r[kind])
             assert r[kind]["weight_err"] <= 1e-6, (kind, r[kind])
-        measured = sum(r[kind]["bytes"] for r in results)
-        assert measured == results[0][kind]["analytic"], (kind, measured)
+        _assert_counts_match(results, kind)
     flat = sum(r["flat"]["bytes"] for r in results)
     tm = sum(r["sptt_tm"]["bytes"] for r in results)
     assert tm < flat  # tower modules compress what crosses hosts
+
+
+def _assert_counts_match(results: list[dict], kind: str) -> None:
+    measured = sum(r[kind]["bytes"] for r in results)
+    assert measured == results[0][kind]["analytic"], (kind, measured)
+    for r in results:  # per rank, bytes and messages (what the slow link charges)
+        assert (r[kind]["bytes"], r[kind]["msgs"]) == tuple(r[kind]["analytic_rank"]), (kind, r)
+
+
+def _counts_only(rank: int, world: int, local_world: int) -> dict:
+    from parallelism.dmt import Comm, ShardedDLRM, ShardedDMT
+    from parallelism.topology import Topology, build_host_groups
+    from train.recsys_data import SyntheticClicks
+
+    topo = Topology(world, local_world)
+    groups = build_host_groups(topo, rank)
+    data = SyntheticClicks(NUM_SPARSE, 4, CARD, NUM_DENSE, seed=1)
+    towers = [[f"f{i}" for i in grp] for grp in data.groups]
+    out = {}
+    for kind in ("flat", "sptt", "sptt_tm"):
+        comm = Comm(topo, rank)
+        cls = ShardedDLRM if kind == "flat" else ShardedDMT
+        model = cls(_plain(kind, towers), topo, groups, comm, rank)
+        out[kind] = _cross_host_counts(kind, model, comm, data, towers, topo, rank)
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_cross_host_bytes_equal_analytic_2x4() -> None:
+    """Must-show 2 at 2 hosts x 4 local ranks (8 gloo ranks): bytes and messages counted at the
+    collectives equal the closed form for flat TW, SPTT and SPTT + tower modules."""
+    results = run_on_ranks(_counts_only, 8, 4, local_world_size=4, timeout_s=120)
+    for kind in ("flat", "sptt", "sptt_tm"):
+        _assert_counts_match(results, kind)
+    total = {k: sum(r[k]["bytes"] for r in results) for k in ("flat", "sptt", "sptt_tm")}
+    msgs = {k: sum(r[k]["msgs"] for r in results) for k in ("flat", "sptt", "sptt_tm")}
+    assert total["sptt"] == total["flat"] and msgs["sptt"] * 4 == msgs["flat"]  # (W-L)/(H-1)
+    assert total["sptt_tm"] < total["flat"]

@@ -29,27 +29,19 @@ def _run_inprocess(args: list[str]) -> int:
 @pytest.mark.slow
 def test_dmt_auc_matches_flat_dlrm_and_planted_best(tmp_path) -> None:
     """Must-show 4: same steps, same data; |AUC_dmt - AUC_dlrm| <= 0.002, both within 0.02 of
-    the planted best AUC."""
-    import torch
+    the planted best AUC (``benchmarks/dmt_quality.py`` writes the same run's figures)."""
+    from benchmarks.dmt_quality import train_pair
 
-    torch.set_num_threads(1)
-    final = {}
-    for m in ("dlrm", "dmt"):
-        run = tmp_path / m
-        common = [f"run.dir={run}", "logging.progress=false", "logging.plot=false"]
-        # one micro-batch per step keeps the single-process run fast; math is unchanged
-        assert (
-            _run_inprocess([f"experiment={m}_synthetic", "train.micro_batch_size=256", *common])
-            == 0
-        )
-        final[m] = _records(run)[-1]
+    res = train_pair(tmp_path)
+    final = res["final"]
     assert (tmp_path / "dmt" / "tower_plan.yaml").is_file()
-    best = final["dmt"]["best_auc"]
-    assert final["dlrm"]["best_auc"] == best
+    assert final["dlrm"]["best_auc"] == final["dmt"]["best_auc"]
+    assert final["dlrm"]["step"] == final["dmt"]["step"] == res["steps"] > 0
     assert abs(final["dmt"]["val_auc"] - final["dlrm"]["val_auc"]) <= 0.002, final
     for m in ("dlrm", "dmt"):
-        assert best - final[m]["val_auc"] <= 0.02, final
+        assert res["best_auc"] - final[m]["val_auc"] <= 0.02, final
         assert final[m]["val_ne"] < 1.0
+    assert res["holds"]
 
 
 @pytest.mark.slow

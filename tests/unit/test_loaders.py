@@ -5,8 +5,10 @@ missing DALI / apex fails before any process group with the package and the inst
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +17,12 @@ import torch
 
 from train.data import TokenLoader, TokenShards, write_shards
 from train.loaders import DaliRecLoader, DaliTokenLoader, RecLoader
+from train.optional import dali_available
 
 ROOT = Path(__file__).resolve().parents[2]
-pytest.importorskip("nvidia.dali", reason="the dali extra (make test installs it)")
+needs_dali = pytest.mark.skipif(
+    not dali_available(), reason="needs NVIDIA DALI: the dali extra (make test installs it)"
+)
 
 S, G = 16, 8
 
@@ -44,6 +49,7 @@ def _assert_same(a: list, b: list) -> None:
             assert u.dtype == torch.int64 and torch.equal(x, u) and torch.equal(y, v)
 
 
+@needs_dali
 @pytest.mark.parametrize("dp,micro,shuffle", [(1, 4, True), (2, 2, True), (4, 1, False)])
 def test_dali_tokens_equal_torch(shards: TokenShards, dp: int, micro: int, shuffle: bool) -> None:
     steps = 10  # crosses an epoch boundary (61 samples, 8 per step)
@@ -60,6 +66,7 @@ def test_dali_tokens_equal_torch(shards: TokenShards, dp: int, micro: int, shuff
         ld.close()
 
 
+@needs_dali
 def test_dali_tokens_resume_on_another_dp_size(shards: TokenShards) -> None:
     straight = _token_steps([TokenLoader(shards, S, G, 8, 0, 1, seed=2)], 9)
     before = [DaliTokenLoader(shards, S, G, 2, r, 2, seed=2, prefetch=3) for r in range(2)]
@@ -104,6 +111,7 @@ def clicks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     return CriteoTSV(path, num_embeddings=64)
 
 
+@needs_dali
 def test_dali_clicks_equal_torch_and_resume_on_another_dp_size(clicks) -> None:
     ref = _rec_steps([RecLoader(clicks, "train", 16, 4, r, 2) for r in range(2)], 3)
     dali = [DaliRecLoader(clicks, "train", 16, 4, r, 2, threads=2) for r in range(2)]
@@ -123,6 +131,27 @@ def test_dali_clicks_equal_torch_and_resume_on_another_dp_size(clicks) -> None:
         for key, whole in step_want[0].sparse.to_dict().items():
             assert torch.equal(torch.cat([v[key].values() for v in vals]), whole.values())
             assert torch.equal(torch.cat([v[key].lengths() for v in vals]), whole.lengths())
+
+
+def test_dali_click_rows_carry_one_id_per_bag() -> None:
+    """The DALI click sample is one id (or -1, an empty bag) per feature; a bag of two ids is
+    refused with the fix rather than silently truncated."""
+    from torchrec import KeyedJaggedTensor
+
+    from train.loaders import rec_rows
+    from train.recsys_data import RecBatch
+
+    def batch(lengths: list[int], values: list[int]) -> RecBatch:
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=["f0", "f1"], values=torch.tensor(values), lengths=torch.tensor(lengths)
+        )
+        return RecBatch(torch.zeros(2, 1), kjt, torch.zeros(2), None)
+
+    # key-major lengths: f0 = [1, 0], f1 = [1, 1] -> rows [[7, 8], [-1, 9]]
+    _, ids, _, _ = rec_rows(batch([1, 0, 1, 1], [7, 8, 9]))
+    assert ids.tolist() == [[7, 8], [-1, 9]]
+    with pytest.raises(ValueError, match=r"at most one id per bag.*bags of 2 ids.*backend=torch"):
+        rec_rows(batch([1, 0, 2, 0], [1, 2, 3]))
 
 
 # -- missing optional packages ---------------------------------------------------------------
@@ -178,10 +207,36 @@ def test_missing_package_fails_before_any_process_group(
     assert not (tmp_path / "nodata").exists()  # failed before even preparing data
 
 
+def test_dali_device_field_errors_name_the_field_and_fix() -> None:
+    from train.cli import load_config
+    from train.optional import MissingPackageError, check_optional_packages
+
+    cases = [
+        (["data.dali_device=tpu"], "data.dali_device='tpu' is unknown: use cpu or gpu"),
+        (["data.dali_device=gpu"], "applies to data.backend=dali, not 'torch'"),
+    ]
+    if dali_available() and not torch.cuda.is_available():
+        cases.append(
+            (["data.backend=dali", "data.dali_device=gpu"], "needs a CUDA device and none is")
+        )
+    for overrides, needle in cases:
+        job, _ = load_config(overrides)
+        with pytest.raises(MissingPackageError, match=re.escape(needle)):
+            check_optional_packages(job)
+
+
+def test_recsys_rejects_dali_gpu_device() -> None:
+    from parallelism.dims import LayoutError
+    from train.cli import load_config
+    from train.recsys import validate_recsys
+
+    job, _ = load_config(["experiment=dlrm_synthetic", "data.dali_device=gpu"])
+    with pytest.raises(LayoutError, match=r"data.dali_device=gpu: the recommender path runs"):
+        validate_recsys(job, types.SimpleNamespace(world_size=1))
+
+
 def test_pypi_apex_is_not_taken_for_nvidia_apex(monkeypatch: pytest.MonkeyPatch) -> None:
     """An ``apex`` without ``apex.optimizers.FusedAdam`` (PyPI's) counts as absent."""
-    import types
-
     from train import optional
 
     fake = types.ModuleType("apex")
@@ -200,8 +255,6 @@ def importlib_spec(name: str):
 def test_apex_wiring_with_a_stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
     """With an apex stand-in present, optim.impl=apex_fused_adam builds its FusedAdam and the
     RMSNorms route through its fused function on their own weights (same outputs)."""
-    import types
-
     import torch.nn.functional as F
 
     from models.gpt import RMSNorm
@@ -248,6 +301,7 @@ def test_apex_wiring_with_a_stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(opt, FusedAdam)
 
 
+@needs_dali
 def test_trainer_runs_the_same_on_either_backend(tiny_data: str, tmp_path: Path) -> None:
     """The trainer does not care which backend feeds it: identical losses and weights (the
     validation loader's rewind rebuilds the DALI pipeline mid-run)."""

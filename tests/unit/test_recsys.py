@@ -147,8 +147,9 @@ def test_recsys_config_errors_name_the_field() -> None:
         plan_run(job)
 
 
-def test_criteo_file_trains_through_entry_point(tmp_path) -> None:
-    """A generated Criteo TSV through ``python -m train`` (DMT, 26 features in 2 towers)."""
+def test_criteo_file_trains_through_entry_point(tmp_path, capsys) -> None:
+    """A generated Criteo TSV through ``python -m train`` (DMT, 26 features in 2 towers); the
+    start-up log names the kernels, as the token trainer's does."""
     import json
 
     from train.__main__ import main
@@ -171,6 +172,9 @@ def test_criteo_file_trains_through_entry_point(tmp_path) -> None:
         "logging.plot=false",
     ]
     assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "kernels: optimizer torch AdamW (auto), norm none (no RMSNorm in this model) (" in out
+    assert "| data.backend=torch" in out
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert 0.0 <= last["val_auc"] <= 1.0 and last["val_ne"] > 0
     assert main([*args[:2], "data.path=/no/such.tsv", *args[3:]]) == 2
