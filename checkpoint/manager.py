@@ -88,13 +88,34 @@ def vocab_padding(model: nn.Module) -> dict[str, tuple[int, int]]:
     return {n: (0, vocab) for n in ("tok_embeddings.weight", "output.weight")}
 
 
+_WRAPPERS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "module.")
+
+
+def expert_params(model: nn.Module) -> set[str]:
+    """Canonical names of stacked expert weights (dim 0 indexes the experts), for the index."""
+    from models.moe import GroupedExperts
+
+    out = set()
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, GroupedExperts):
+            for p_name, _ in mod.named_parameters(recurse=False):
+                fqn = f"{mod_name}.{p_name}" if mod_name else p_name
+                for w in _WRAPPERS:
+                    fqn = fqn.replace(w, "")
+                out.add(fqn)
+    return out
+
+
 def _mesh_dims(t: DTensor) -> list[str]:
     names = t.device_mesh.mesh_dim_names
     return list(names) if names else [f"dim{i}" for i in range(t.device_mesh.ndim)]
 
 
 def local_chunks(
-    state: dict[str, Any], prefix: str, padding: dict[str, tuple[int, int]]
+    state: dict[str, Any],
+    prefix: str,
+    padding: dict[str, tuple[int, int]],
+    experts: set[str] | frozenset[str] = frozenset(),
 ) -> list[LocalChunk]:
     """Flatten a (nested) state dict of tensors into this rank's chunks in logical coordinates.
 
@@ -102,6 +123,7 @@ def local_chunks(
         state: ``{fqn: tensor}`` or ``{fqn: {key: tensor}}`` (optimizer state).
         prefix: ``"model"`` or ``"optim"``; names become ``prefix/fqn[/key]``.
         padding: ``{fqn: (dim, logical_size)}``; rows beyond it are dropped from the chunk.
+        experts: fqns of stacked expert weights; recorded as ``expert`` {dim 0, num_experts}.
     """
     out = []
     for fqn, value in state.items():
@@ -133,6 +155,8 @@ def local_chunks(
                 logical[d] = size
                 keep = max(0, min(local.shape[d], size - offset[d]))
                 local = local.narrow(d, 0, keep)
+            if fqn in experts and t.ndim == 3:  # (E, ...) stacks, EP-sharded on dim 0
+                part["expert"] = {"dim": 0, "num_experts": logical[0]}
             meta = TensorMeta(name, logical, dtype_name(t.dtype), part)
             chunk = LocalChunk(name, local.detach(), list(offset), meta)
             chunk.storage = storage.detach()
@@ -288,8 +312,10 @@ class Manager:
         if fp is not None and cached is not None and cached[0] == fp:
             return cached[1]
         msd, osd = self._state()
-        pad = vocab_padding(self.model)
-        chunks = local_chunks(msd, "model", pad) + local_chunks(osd["state"], "optim", pad)
+        pad, exp = vocab_padding(self.model), expert_params(self.model)
+        chunks = local_chunks(msd, "model", pad, exp) + local_chunks(
+            osd["state"], "optim", pad, exp
+        )
         live = {ptr for ptr, _ in fp or ()}
         aliased = all(c.local.untyped_storage().data_ptr() in live for c in chunks)
         self._chunk_cache = (fp, chunks) if fp is not None and aliased else None

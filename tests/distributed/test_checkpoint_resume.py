@@ -7,6 +7,7 @@ Adding a layout = one entry in LAYOUTS; adding a resume case = one line in MATRI
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,20 @@ LAYOUTS: dict[str, tuple[list[str], int]] = {
     "tp4pp2": ([*GPT, "parallel.tp=4", "parallel.pp=2", "parallel.dp_shard=1"], 8),
     "sp4": ([*GPT, "parallel.sp=4", "parallel.dp_shard=1"], 4),
     "sp2": ([*GPT, "parallel.sp=2", "parallel.dp_shard=1"], 2),
+    # interleaved 1F1B: 2 ranks x 2 virtual stages of the 4-layer model
+    "pp2v2": (
+        [
+            *GPT,
+            *("parallel.pp=2", "parallel.pp_virtual=2", "parallel.dp_shard=1"),
+            "parallel.pp_schedule=interleaved_1f1b",
+        ],
+        2,
+    ),
+    # optimizer state in NVMe files (offload/): saved and restored from wherever it lives
+    "offload_nvme": (
+        [*GPT, "offload=nvme", "offload.nvme_path=${run.dir}/nvme", "parallel.dp_shard=1"],
+        1,
+    ),
     "moe_single": ([*MOE, "train.micro_batch_size=4", "parallel.dp_shard=1"], 1),
     "ep2": ([*MOE, "train.micro_batch_size=2", "parallel.dp_shard=2", "parallel.ep=2"], 2),
     "ep4": ([*MOE, "train.micro_batch_size=1", "parallel.dp_shard=4", "parallel.ep=4"], 4),
@@ -60,6 +75,9 @@ MATRIX: list[tuple[str, str, bool]] = [
     ("single", "tp2pp2dp2", False),  # (1,1,1) -> (2,2,2)
     ("tp2dp4", "tp4pp2", False),  # (2,1,4) -> (4,2,1)
     ("sp4", "sp2", False),  # Ulysses sp 4 -> 2
+    ("pp2v2", "fsdp2", False),  # virtual pipeline stages -> FSDP
+    ("single", "offload_nvme", False),  # plain AdamW state -> NVMe-offloaded state
+    ("offload_nvme", "fsdp2", False),  # NVMe-offloaded state -> sharded AdamW
     ("ep2", "ep4", False),  # MoE expert parallel 2 -> 4 (experts re-split across ranks)
     ("ep4", "moe_single", False),  # MoE ep 4 -> one process
     ("ep2", "ep2", True),
@@ -128,6 +146,11 @@ def test_resume_matrix(src, dst, exact, reference, saved, tiny_data, tmp_path) -
     assert reference(src) is reference(dst), "a resume case must keep the model"
     reference = reference(src)
     assert (ckpt / "index.json").exists()
+    if "model=gpt_moe" in LAYOUTS[src][0]:  # stacked expert weights are labelled in the index
+        tensors = json.loads((ckpt / "index.json").read_text())["tensors"]
+        experts = {n: t["partitioning"]["expert"] for n, t in tensors.items()}
+        assert experts["model/layers.0.feed_forward.experts.w1"] == {"dim": 0, "num_experts": 4}
+        assert experts["model/layers.0.feed_forward.router.weight"] is None
     # The checkpointing run itself is unperturbed by the (lazy) saves.
     assert_close_runs(reference, full)
     resumed = _run(
