@@ -3,8 +3,8 @@
 Each layout runs the real ``Trainer`` (``load_config`` overrides -> ``plan_run`` -> ``Trainer.fit``)
 inside gloo ranks of the shared harness on a tiny GPT, then gathers the full weights by their
 canonical names (``DTensor.full_tensor``; pipeline stages each return their own blocks) and
-compares per-step logged losses (rel 1e-5) and final weights (rel 1e-4) with a single-process run
-of the same config. Layouts that need the same world size share one spawn to keep start-up cheap.
+compares per-step logged losses (rel 1e-5) and final weights (element-wise rel 1e-4, abs 1e-6
+for elements near zero) with a single-process run of the same config. Layouts that need the same world size share one spawn to keep start-up cheap.
 The vocabulary (257) does not divide tp=2 or tp=4, so padding is exercised everywhere.
 """
 
@@ -137,8 +137,8 @@ def _check(layout: tuple, per_rank: list, ref: tuple) -> None:
         if full.shape[0] > want.shape[0]:  # vocabulary padding: stays exactly zero
             assert torch.count_nonzero(full[want.shape[0] :]) == 0, (layout, name)
             full = full[: want.shape[0]]
-        rel = ((full - want).norm() / want.norm()).item()  # relative error of the tensor
-        assert rel <= 1e-4, (layout, name, rel)
+        # element-wise: every weight within 1e-4 relative (atol only for elements near zero)
+        torch.testing.assert_close(full, want, rtol=1e-4, atol=1e-6, msg=f"{layout} {name}")
     # the run must actually train (a frozen model would trivially match nothing changes)
     assert ref_losses[-1] < ref_losses[0]
 

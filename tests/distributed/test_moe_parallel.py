@@ -117,7 +117,7 @@ def _check(results, ref):
         torch.testing.assert_close(torch.tensor(r_aux), torch.tensor(auxes), atol=1e-5, rtol=0)
         assert r_weights.keys() == weights.keys()
         for n, w in weights.items():
-            torch.testing.assert_close(r_weights[n], w, atol=1e-4, rtol=0, msg=n)
+            torch.testing.assert_close(r_weights[n], w, rtol=1e-4, atol=1e-6, msg=n)
         for n, g in grads.items():
             torch.testing.assert_close(r_grads[n], g, atol=1e-5, rtol=0, msg=n)
 
