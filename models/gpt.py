@@ -56,11 +56,13 @@ class GPTConfig:
             self.padded_vocab_size = self.vocab_size
         if self.dim % self.n_heads:
             raise ValueError(
-                f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}"
+                f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}: set "
+                f"model.n_heads to a divisor of {self.dim} or change model.dim"
             )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
-                f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}"
+                f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads="
+                f"{self.n_kv_heads}: set model.n_kv_heads to a divisor of {self.n_heads}"
             )
 
     @property

@@ -59,16 +59,28 @@ def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor, job: object) -> 
     return F.cross_entropy(logits.flatten(0, 1).float(), targets_BS.flatten())
 
 
+def nearest_divisor(n: int, k: int) -> int:
+    """The divisor of ``n`` closest to ``k`` (the smaller one on a tie): a suggested fix."""
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - k), d))
+
+
 def validate_gpt(job: object, dims: ParallelDims) -> None:
     m = job.model
     n_kv = m.n_kv_heads or m.n_heads
     if m.dim % m.n_heads:
-        raise LayoutError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
+        raise LayoutError(
+            f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}: set model.n_heads "
+            f"to a divisor of {m.dim} (e.g. {nearest_divisor(m.dim, m.n_heads)}) or change model.dim"
+        )
     if m.n_heads % n_kv:
-        raise LayoutError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={n_kv}")
+        raise LayoutError(
+            f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={n_kv}: set "
+            f"model.n_kv_heads to a divisor of {m.n_heads} (e.g. {nearest_divisor(m.n_heads, n_kv)})"
+        )
     if job.train.seq_len > m.max_seq_len:
         raise LayoutError(
-            f"train.seq_len={job.train.seq_len} exceeds model.max_seq_len={m.max_seq_len}"
+            f"train.seq_len={job.train.seq_len} exceeds model.max_seq_len={m.max_seq_len}: "
+            "lower train.seq_len or raise model.max_seq_len"
         )
     from parallelism.ulysses import validate_ulysses
 

@@ -1,7 +1,10 @@
 """Expert parallelism, global balancing, tensor-parallel experts and pipelined MoE equal the
 single-process run (issue 5, must-show 3 and 4). Every layout trains a tiny GPTMoE for a few AdamW steps (clipping on) on the
 same global batch and the same SparseMixer noise per global token, and must reproduce the
-single-process per-step losses (1e-5), balancing losses and final weights (1e-4)."""
+single-process per-step losses (1e-5), balancing losses and final weights (element-wise rel 1e-4
+with an absolute floor of 0.2% of one AdamW step, and rel 1e-4 per tensor: see
+``tests.trainer_utils.assert_weights_close``; measured after 3 steps at lr 1e-2 the layouts
+differ from the single process by up to 6.7e-6 per element, 4e-6 relative per tensor)."""
 
 from __future__ import annotations
 
@@ -12,10 +15,12 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from tests.distributed.harness import run_on_ranks
+from tests.trainer_utils import assert_weights_close
 
 pytestmark = pytest.mark.distributed
 
 B, S, E, STEPS = 8, 16, 4, 3
+LR = 1e-2
 
 
 def _job(router: str):
@@ -26,7 +31,7 @@ def _job(router: str):
     m.name, m.dim, m.n_layers, m.n_heads, m.n_kv_heads = "gpt_moe", 32, 2, 2, 1
     m.n_experts, m.top_k, m.router, m.aux_loss_coef = E, 2, router, 0.1
     job.train.seq_len, job.train.seed = S, 3
-    job.optim.lr, job.optim.impl = 1e-2, "foreach"
+    job.optim.lr, job.optim.impl = LR, "foreach"
     return job
 
 
@@ -117,7 +122,7 @@ def _check(results, ref):
         torch.testing.assert_close(torch.tensor(r_aux), torch.tensor(auxes), atol=1e-5, rtol=0)
         assert r_weights.keys() == weights.keys()
         for n, w in weights.items():
-            torch.testing.assert_close(r_weights[n], w, atol=1e-4, rtol=0, msg=n)
+            assert_weights_close(r_weights[n], w, n, LR)
         for n, g in grads.items():
             torch.testing.assert_close(r_grads[n], g, atol=1e-5, rtol=0, msg=n)
 
@@ -309,8 +314,7 @@ def _check_3d(results, ref):
         if got.shape[0] > want.shape[0]:  # tp vocabulary padding stays zero
             assert torch.count_nonzero(got[want.shape[0] :]) == 0, n
             got = got[: want.shape[0]]
-        rel = ((got - want).norm() / want.norm()).item()
-        assert rel <= 1e-4, (n, rel)
+        assert_weights_close(got, want, n, LR)
     for n, g in ref_grads.items():
         got = torch.from_numpy(merged_g[n])
         torch.testing.assert_close(got, torch.from_numpy(g), atol=1e-5, rtol=0, msg=n)
