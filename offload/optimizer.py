@@ -199,6 +199,13 @@ class InterleavedOptimizer(torch.optim.Optimizer):
         ):
             io_backend = self.calibration.io_backend  # the faster one measured here
         self._setup_storage(nvme_path, io_backend, io_threads, max_pad)
+        # The state exists from here on (zero moments, master weights = the parameters), in the
+        # subgroups rather than in ``self.state``. Say so in ``self.state`` too: DCP's
+        # ``set_optimizer_state_dict`` otherwise "initialises" an empty-looking optimizer with a
+        # zero-gradient step, which would copy these master weights over a model just loaded.
+        for sg in self.subgroups:
+            for p in sg.params:
+                self.state[p] = {"placement": sg.placement}
 
     # -- set-up ---------------------------------------------------------------------------------
     def _device_budget(self, device_budget_bytes: int) -> int:
@@ -481,7 +488,10 @@ class InterleavedOptimizer(torch.optim.Optimizer):
             for k, v in saved.items():
                 if k != "params":
                     mine[k] = v
-        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        # The saved groups list each parameter's state key in order: ints from state_dict(),
+        # FQNs from DCP's set_optimizer_state_dict; map by position, as torch.optim does.
+        mine = [p for g in self.param_groups for p in g["params"]]
+        index = dict(zip(map(id, mine), (k for g in groups for k in g["params"])))
         st = state_dict["state"]
         steps = {float(s["step"]) for s in st.values()} or {0.0}
         if len(steps) != 1:

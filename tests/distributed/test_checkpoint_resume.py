@@ -32,6 +32,8 @@ MOE = [
     *("optim.impl=foreach", "optim.eps=1e-5", "train.global_batch_size=4"),
 ]
 
+GPT4L = ["model.n_layers=4"]
+
 # name -> (overrides, world size)
 LAYOUTS: dict[str, tuple[list[str], int]] = {
     "single": ([*GPT, "parallel.dp_replicate=1", "parallel.dp_shard=1"], 1),
@@ -44,10 +46,12 @@ LAYOUTS: dict[str, tuple[list[str], int]] = {
     "tp4pp2": ([*GPT, "parallel.tp=4", "parallel.pp=2", "parallel.dp_shard=1"], 8),
     "sp4": ([*GPT, "parallel.sp=4", "parallel.dp_shard=1"], 4),
     "sp2": ([*GPT, "parallel.sp=2", "parallel.dp_shard=1"], 2),
-    # interleaved 1F1B: 2 ranks x 2 virtual stages of the 4-layer model
+    # interleaved 1F1B: 2 ranks x 2 virtual stages need a 4-layer model
+    "single4l": ([*GPT, *GPT4L, "parallel.dp_shard=1"], 1),
     "pp2v2": (
         [
             *GPT,
+            *GPT4L,
             *("parallel.pp=2", "parallel.pp_virtual=2", "parallel.dp_shard=1"),
             "parallel.pp_schedule=interleaved_1f1b",
         ],
@@ -75,7 +79,7 @@ MATRIX: list[tuple[str, str, bool]] = [
     ("single", "tp2pp2dp2", False),  # (1,1,1) -> (2,2,2)
     ("tp2dp4", "tp4pp2", False),  # (2,1,4) -> (4,2,1)
     ("sp4", "sp2", False),  # Ulysses sp 4 -> 2
-    ("pp2v2", "fsdp2", False),  # virtual pipeline stages -> FSDP
+    ("pp2v2", "single4l", False),  # virtual pipeline stages -> 1 process
     ("single", "offload_nvme", False),  # plain AdamW state -> NVMe-offloaded state
     ("offload_nvme", "fsdp2", False),  # NVMe-offloaded state -> sharded AdamW
     ("ep2", "ep4", False),  # MoE expert parallel 2 -> 4 (experts re-split across ranks)
@@ -107,7 +111,10 @@ def reference(tiny_data: str, tmp_path_factory: pytest.TempPathFactory):
     cache: dict[str, dict] = {}
 
     def get(layout: str) -> dict:
-        single = "moe_single" if "model=gpt_moe" in LAYOUTS[layout][0] else "single"
+        overrides = LAYOUTS[layout][0]
+        single = "moe_single" if "model=gpt_moe" in overrides else "single"
+        if "model.n_layers=4" in overrides:
+            single = "single4l"
         if single not in cache:
             run = tmp_path_factory.mktemp(f"ref-{single}")
             cache[single] = _run(single, [f"data.path={tiny_data}", f"run.dir={run}"])
