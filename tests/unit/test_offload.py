@@ -298,3 +298,54 @@ def test_cpu_placement_updates_host_params_in_place(tmp_path: Path) -> None:
         }
         assert inside == {sg.placement == "cpu"}, (sg.placement, ptrs)
         assert bool(sg.extra.get("aliased")) == (sg.placement == "cpu")
+
+
+def _resident_bytes(addr: int) -> int:
+    """Rss of the mapping of this process that contains ``addr`` (from /proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and head == "Rss:":
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no mapping holds {addr:#x}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs /proc/self/smaps")
+def test_aligned_empty_is_aligned_and_resident() -> None:
+    """Unpinned staging buffers are page-aligned and populated when allocated (by one thread,
+    in address order: DMA then sees few, large physically contiguous runs)."""
+    for numel, dtype in [(1, torch.float32), (5, torch.bfloat16), (3 << 20, torch.float32)]:
+        t = aligned_empty(numel, dtype, pin=False)
+        assert t.shape == (numel,) and t.dtype == dtype and t.data_ptr() % 4096 == 0
+    big = aligned_empty(8 << 20, pin=False)  # 32 MiB, never written by the test
+    assert _resident_bytes(big.data_ptr()) >= 32 << 20
+    assert aligned_empty(0, pin=False).numel() == 0
+
+
+@pytest.mark.parametrize("backend", ["threads", "deepspeed"])
+def test_io_empty_buffers_transfer_directly(backend: str, tmp_path: Path) -> None:
+    """``AsyncFileIO.empty`` hands DeepSpeed buffers it DMAs into without its bounce copy."""
+    if backend == "deepspeed" and not deepspeed_op_ready("async_io"):
+        pytest.skip("DeepSpeed async_io not built")
+    io = AsyncFileIO(tmp_path, backend)
+    if not io.direct:
+        pytest.skip("no O_DIRECT on this filesystem")
+    src, dst = io.empty(1 << 20), io.empty(1 << 20)
+    assert src.data_ptr() % 4096 == 0 and dst.data_ptr() % 4096 == 0
+    if backend == "deepspeed" and not torch.cuda.is_available():
+        handle = io._ds_acquire()
+        assert handle.is_pinned(src) and handle.is_pinned(dst[4096:])
+        io._ds_release(handle)
+    src.copy_(torch.randn(1 << 20))
+    dst.zero_()
+    io.write(src, tmp_path / "e.bin", 8192).wait()
+    io.read(dst, tmp_path / "e.bin", 8192).wait()
+    assert torch.equal(src, dst)
+    io.free(src)
+    del src, dst
+    io.close()
+    io.close()
+    assert not io._locked
