@@ -25,8 +25,11 @@ O_DIRECT DMAs straight into the buffer's pages, so every request carries one sca
 segment per *physically* contiguous run. A torch tensor first filled by several OpenMP threads
 gets its pages faulted in interleaved order, i.e. physically scattered: on a virtio disk
 measured here that cost 20-25% of read bandwidth against fio (``benchmarks/offload_io.py``).
-Unpinned buffers from ``aligned_empty`` are therefore anonymous mappings advised for
-transparent huge pages and populated page by page, in address order, by one thread.
+Unpinned buffers from ``aligned_empty`` are therefore anonymous mappings starting on a 2 MiB
+boundary, advised for transparent huge pages and populated page by page, in address order, by
+one thread; DeepSpeed's page-locked buffers (``AsyncFileIO.empty``) are collapsed into huge
+pages after allocation. Measured on that disk: a 48 MiB buffer went from ~10^4 physical runs
+to ~24, and both backends from 0.7-0.75 of fio's read bandwidth to ~1.0.
 """
 
 from __future__ import annotations
@@ -74,23 +77,48 @@ def aligned_empty(
     return raw[shift : shift + nbytes].view(dtype)
 
 
+HUGE = 2 << 20
+"""Transparent huge page size: buffers of at least this size start on such a boundary."""
+
+
 def _mapped_empty(nbytes: int) -> torch.Tensor | None:
-    """``nbytes`` of anonymous, page-aligned memory as a uint8 tensor, populated in address order
-    by this thread (huge pages where the kernel grants them); None where mmap is unavailable.
-    The tensor holds the mapping alive; it is unmapped when the last view is freed."""
+    """``nbytes`` of anonymous memory as a uint8 tensor, starting on a ``HUGE`` boundary when it
+    is that large, advised for huge pages and populated in address order by this thread; None
+    where mmap is unavailable. The tensor holds the mapping alive (unmapped with the last view);
+    the slack before the aligned start is never touched, so it costs no memory."""
     flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+    slack = HUGE if nbytes >= HUGE else 0
     try:
-        region = mmap.mmap(-1, nbytes, flags=flags)
+        region = mmap.mmap(-1, nbytes + slack, flags=flags)
     except (OSError, TypeError, ValueError):
         return None
     if hasattr(mmap, "MADV_HUGEPAGE"):
         # THP disabled ("never"): 4 KiB pages, still touched in order
         with contextlib.suppress(OSError):
             region.madvise(mmap.MADV_HUGEPAGE)
-    touch = np.frombuffer(region, dtype=np.uint8)
+    whole = torch.frombuffer(region, dtype=torch.uint8)
+    shift = (-whole.data_ptr()) % HUGE if slack else 0
+    touch = np.frombuffer(region, dtype=np.uint8)[shift : shift + nbytes]
     touch[:: mmap.PAGESIZE] = 0  # first touch: one write per page, lowest address first
     del touch
-    return torch.frombuffer(region, dtype=torch.uint8)
+    return whole[shift : shift + nbytes]
+
+
+def _collapse_huge(t: torch.Tensor) -> None:
+    """Best effort: back the ``HUGE``-aligned part of ``t``'s (resident) memory with huge pages
+    now (Linux >= 6.1 ``MADV_COLLAPSE``; a no-op where unsupported)."""
+    lo = -(-t.data_ptr() // HUGE) * HUGE
+    hi = (t.data_ptr() + t.numel() * t.element_size()) // HUGE * HUGE
+    if hi <= lo:
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.madvise(lo, hi - lo, getattr(mmap, "MADV_COLLAPSE", 25))
+    except (OSError, AttributeError):
+        pass
 
 
 def probe_direct_io(folder: str | Path) -> bool:
@@ -199,7 +227,8 @@ class AsyncFileIO:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lattice-aio")
         self._fds: dict[tuple[str, bool], int] = {}
         self._fd_lock = threading.Lock()
-        self._locked: list[torch.Tensor] = []  # DeepSpeed-managed buffers, freed by close()
+        # (buffer handed out, DeepSpeed-managed allocation behind it), freed by close()
+        self._locked: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     # -- staging buffers ------------------------------------------------------------------------
     def empty(self, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -219,28 +248,38 @@ class AsyncFileIO:
 
     def free(self, t: torch.Tensor) -> None:
         """Give back a buffer from ``empty`` now instead of at ``close`` (then drop ``t``)."""
-        for i, locked in enumerate(self._locked):
-            if locked is t:
+        for i, (view, _) in enumerate(self._locked):
+            if view is t:
                 handle = self._ds_acquire()
-                handle.free_cpu_locked_tensor(self._locked.pop(i))
+                handle.free_cpu_locked_tensor(self._locked.pop(i)[1])
                 self._ds_release(handle)
                 return
 
     def _ds_locked_empty(self, numel: int, dtype: torch.dtype) -> torch.Tensor | None:
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        if nbytes == 0 or not _can_lock(nbytes + sum(t.nbytes for t in self._locked)):
+        """A DeepSpeed page-locked buffer starting on a huge-page boundary, collapsed into huge
+        pages: DeepSpeed's allocator (``posix_memalign`` + ``mlock``) hands out 4 KiB pages,
+        physically scattered once host memory is fragmented (module docstring)."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        nbytes = numel * itemsize
+        slack = HUGE if nbytes >= HUGE else 0
+        if nbytes == 0 or not _can_lock(nbytes + slack + sum(b.nbytes for _, b in self._locked)):
             return None
         handle = self._ds_acquire()
         try:
-            t = handle.new_cpu_locked_tensor(numel, torch.empty(0, dtype=dtype))
+            base = handle.new_cpu_locked_tensor(
+                (nbytes + slack) // itemsize, torch.empty(0, dtype=dtype)
+            )
         except Exception:
             return None
         finally:
             self._ds_release(handle)
-        if t.data_ptr() == 0 or t.data_ptr() % ALIGN:
+        if base.data_ptr() == 0 or base.data_ptr() % ALIGN:
             return None
-        self._locked.append(t)
-        return t
+        shift = ((-base.data_ptr()) % HUGE) // itemsize if slack else 0
+        view = base[shift : shift + numel]
+        _collapse_huge(view)
+        self._locked.append((view, base))
+        return view
 
     # -- file descriptors -----------------------------------------------------------------------
     def _fd(self, path: str, write: bool) -> int:
@@ -265,8 +304,8 @@ class AsyncFileIO:
             self._fds.clear()
         if self._locked:
             handle = self._ds_acquire()
-            for t in self._locked:
-                handle.free_cpu_locked_tensor(t)
+            for _, base in self._locked:
+                handle.free_cpu_locked_tensor(base)
             self._locked.clear()
             self._ds_release(handle)
 
