@@ -26,6 +26,9 @@ machine also reads a's lines before writing them, so that figure reads low). The
 only measures DRAM bandwidth where the step's working set (16 bytes per parameter) is larger
 than the last-level cache; smaller sizes run from the cache and may exceed 1.
 
+Short steps are noisier on a shared machine, so sizes below 100M get proportionally more
+rounds (``--repeats`` x 1e8 / params, at most ``--max-repeats``).
+
 Run: ``python -m benchmarks.offload_optimizer [--sizes 1e6 1e7 1e8] [--repeats 15]``
 """
 
@@ -142,7 +145,8 @@ def update_phase(opt: object, params: list[torch.nn.Parameter]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7, 1e8])
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=15, help="rounds at 100M params")
+    ap.add_argument("--max-repeats", type=int, default=150)
     ap.add_argument("--subgroup", type=int, default=1 << 22)
     args = ap.parse_args()
     missing = deepspeed_missing()
@@ -152,7 +156,7 @@ def main() -> None:
     bw = MemBandwidth(llc)
     for _ in range(3):
         bw.sample()
-    rows, raw, pending = [], {}, []
+    rows, raw, pending, rounds = [], {}, [], {}
     kernel = None
     for size in args.sizes:
         n = int(size)
@@ -165,7 +169,9 @@ def main() -> None:
         for opt in opts.values():  # warm-up (state allocation, first-touch)
             update_phase(opt, params)
         times: dict[str, list[float]] = {k: [] for k in opts}
-        for r in range(args.repeats):
+        repeats = max(args.repeats, min(args.max_repeats, int(args.repeats * 1e8 / n)))
+        rounds[str(n)] = repeats
+        for r in range(repeats):
             # Rotate the order so every optimizer takes every position equally often: the
             # first one after the bandwidth sample starts with a cold cache (at 1M params that
             # alone is ~1.7x), which a fixed or forward/reverse order hands to the same ones.
@@ -223,8 +229,9 @@ def main() -> None:
         "< 1 the step runs from the cache and the fraction is not a DRAM figure (it can "
         "exceed 1). vs_best_peer = best peer's median time / this one's (>= 0.95 is 'within "
         "5%'). 'ours' = full InterleavedOptimizer.step "
-        f"(placement=cpu, kernel={kernel}, norm + copies included). {args.repeats} interleaved "
-        "steps per optimizer after one warm-up, order rotated each round, medians; one run."
+        f"(placement=cpu, kernel={kernel}, norm + copies included). Interleaved steps per "
+        f"optimizer after one warm-up (rounds per size: {rounds}), order rotated each round, "
+        "medians; one run."
     )
     write_results(
         "offload_optimizer",
@@ -239,6 +246,7 @@ def main() -> None:
             "times_s": raw,
             "rows": rows,
             "ours_kernel": kernel,
+            "rounds": rounds,
         },
         rows,
         notes,
