@@ -2,10 +2,12 @@
 
 Must show 5 of issue 7 (CPU part). The calibration (``offload.calibrate.measure``, run fresh
 at the subgroup size used, once per round between the measured steps; each figure's median over
-the rounds is used, since the machine is shared) feeds ``offload.perf_model.predict_update_time``; each
-placement (``device``, ``cpu``, ``nvme``, ``auto``: the model's own choice) is then run for real
-with ``InterleavedOptimizer.step`` (global norm, clipping, updates, NVMe pipeline) on the same
-subgroups, steps of the placements interleaved round-robin, medians reported. The model is
+the rounds is used, since the machine is shared) feeds ``offload.perf_model.predict_update_time``;
+each placement (all ``device``, ``stage``, ``cpu`` or ``nvme``; the mixes ``device,cpu``,
+``cpu,nvme`` and ``device,stage,cpu,nvme`` cycled over the subgroups; ``auto``: the model's own
+choice) is then run for real with ``InterleavedOptimizer.step`` (global norm, clipping,
+updates, NVMe pipeline) on the same subgroups, steps of the placements interleaved
+round-robin in an order rotated every round, medians reported. The model is
 within tolerance when ``|predicted / measured - 1| <= 0.25``.
 
 On a machine without an accelerator the "device" is the CPU (``same_resource``: times add). The
@@ -25,14 +27,25 @@ import torch
 
 from benchmarks.common import median, write_results
 
-PLACEMENTS = ("device", "cpu", "nvme", "auto")
+PLACEMENTS = (
+    "device",
+    "stage",
+    "cpu",
+    "nvme",
+    "device,cpu",
+    "cpu,nvme",
+    "device,stage,cpu,nvme",
+    "auto",
+)
+"""Whole-model placements, mixed ones (a list is cycled over the subgroups) and the model's
+own choice."""
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--subgroup", type=int, default=1 << 21)
     ap.add_argument("--subgroups", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=len(PLACEMENTS))
     ap.add_argument("--path", default="/var/tmp")
     args = ap.parse_args()
 
@@ -70,7 +83,9 @@ def main() -> None:
         for r in range(args.repeats):
             # A fresh calibration every round, so that it and the steps see the same load.
             cals.append(calibrate(dev, root, numel=args.subgroup, cache="", verbose=False))
-            for pl in PLACEMENTS if r % 2 == 0 else reversed(PLACEMENTS):
+            # Rotated order: every placement takes every position (right after the calibration,
+            # after the NVMe-heavy ones, ...) equally often.
+            for pl in PLACEMENTS[r % len(PLACEMENTS) :] + PLACEMENTS[: r % len(PLACEMENTS)]:
                 t0 = time.perf_counter()
                 opts[pl].step()
                 times[pl].append(time.perf_counter() - t0)
@@ -113,7 +128,8 @@ def main() -> None:
     notes = (
         f"{args.subgroups} subgroups of {args.subgroup} params, CPU-only machine (the 'device' "
         f"is the CPU); calibration measured fresh once per round in the same run (medians of each figure):\n\n```\n{cal.table()}\n```\n\n"
-        f"{args.repeats} interleaved steps per placement after one warm-up, medians. No GPU this "
+        f"{args.repeats} interleaved steps per placement after one warm-up, order rotated every "
+        "round, medians. No GPU this "
         "session: the GPU iteration-time comparison (interleaved vs all-CPU) is not measured."
     )
     write_results(

@@ -13,9 +13,21 @@ of the updated fp32 master weights back into the parameters. On a GPU machine th
 are the device<->host transfers every offload engine makes; here they are host copies, so the
 comparison is conservative for us.
 
-Memory-bandwidth model: one AdamW update reads p, g, m, v and writes p, m, v, i.e. 7 fp32 = 28
-bytes per parameter; ``fraction_of_bw = params/s * 28 / copy_bandwidth`` where the bandwidth
-is a large ``torch`` copy's (read + write) bytes/s measured in the same run.
+Memory-bandwidth model: the timed update phase reads g once for the global norm, then AdamW
+reads p, g, m, v and writes p, m, v (all in place, so no write-allocate traffic): 8 fp32 = 32
+bytes per parameter (28 of them the update itself). ``fraction_of_mem_bw = params/s * 32 /
+mem_bw``. ``mem_bw`` is measured in the same run, between rounds (so it sees the same machine
+load), with a STREAM-style kernel shaped like AdamW's accesses: the in-place triad
+``a += s * b`` (reads a, b; writes a; 12 bytes per element, nothing hidden), on arrays each at
+least twice the last-level cache, through torch's intra-op threads (the threads the fused and
+foreach kernels use; DeepSpeed's OpenMP pool has the same size). STREAM's own out-of-place
+triad ``a = b + s * c`` is reported too, with STREAM's count (24 bytes per element; a real
+machine also reads a's lines before writing them, so that figure reads low). The fraction
+only measures DRAM bandwidth where the step's working set (16 bytes per parameter) is larger
+than the last-level cache; smaller sizes run from the cache and may exceed 1.
+
+Short steps are noisier on a shared machine, so sizes below 100M get proportionally more
+rounds (``--repeats`` x 1e8 / params, at most ``--max-repeats``).
 
 Run: ``python -m benchmarks.offload_optimizer [--sizes 1e6 1e7 1e8] [--repeats 15]``
 """
@@ -24,30 +36,49 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
 from benchmarks.common import median, write_results
 
-BYTES_PER_PARAM = 28
+BYTES_PER_PARAM = 32
+"""Bytes one timed update phase moves per fp32 parameter: 4 (norm reads g) + 28 (AdamW)."""
 
 
-class CopyBandwidth:
-    """Read+write bytes/s of a large fp32 ``torch`` copy (the machine's memory bandwidth),
+def last_level_cache_bytes() -> int:
+    """Size of the largest CPU cache sysfs reports (0 when unknown)."""
+    best = 0
+    for idx in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (idx / "size").read_text().strip()
+        except OSError:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        best = max(best, int(text.rstrip("KMG")) * mult)
+    return best
+
+
+class MemBandwidth:
+    """Memory bandwidth by STREAM-style triads on arrays far beyond the last-level cache,
     sampled between optimizer steps so it sees the same machine load they do."""
 
-    def __init__(self, numel: int = 1 << 26) -> None:
-        self.src, self.dst = torch.rand(numel), torch.empty(numel)
-        self.dst.copy_(self.src)
-        self.samples: list[float] = []
+    def __init__(self, llc_bytes: int) -> None:
+        numel = max(1 << 27, 2 * llc_bytes // 4)  # each array >= 512 MiB and >= 2x the LLC
+        self.a, self.b, self.c = (torch.rand(numel) for _ in range(3))  # pages first-touched
+        self.samples: dict[str, list[float]] = {"inplace_triad": [], "stream_triad": []}
 
     def sample(self) -> None:
+        n = self.a.numel()
         t0 = time.perf_counter()
-        self.dst.copy_(self.src)
-        self.samples.append(2 * 4 * self.src.numel() / (time.perf_counter() - t0))
+        self.a.add_(self.b, alpha=1e-3)  # a += s*b: read a, b; write a
+        self.samples["inplace_triad"].append(12 * n / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        torch.add(self.b, self.c, alpha=3.0, out=self.a)  # a = b + s*c (STREAM's 24 B)
+        self.samples["stream_triad"].append(24 * n / (time.perf_counter() - t0))
 
-    def median(self) -> float:
-        return median(self.samples)
+    def median(self, kind: str = "inplace_triad") -> float:
+        return median(self.samples[kind])
 
 
 def make_params(numel: int) -> list[torch.nn.Parameter]:
@@ -87,6 +118,20 @@ def build_optimizers(params: list[torch.nn.Parameter], subgroup: int) -> dict[st
     return opts
 
 
+def deepspeed_missing() -> str:
+    """Why DeepSpeedCPUAdam is not among the peers ('' when it is)."""
+    from offload.kernels import deepspeed_installed, deepspeed_op_ready
+
+    if deepspeed_op_ready("cpu_adam"):
+        return ""
+    if not deepspeed_installed():
+        return "DeepSpeed is not installed (pip install deepspeed)"
+    return (
+        "DeepSpeed's cpu_adam op is not built (DS_BUILD_CPU_ADAM=1 pip install deepspeed, "
+        "or `make install`)"
+    )
+
+
 def update_phase(opt: object, params: list[torch.nn.Parameter]) -> None:
     """Global gradient norm + finite check (the clip/skip decision every trainer makes), then the
     step. Ours takes that decision inside ``step``; the peers get it from torch."""
@@ -100,13 +145,18 @@ def update_phase(opt: object, params: list[torch.nn.Parameter]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7, 1e8])
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=15, help="rounds at 100M params")
+    ap.add_argument("--max-repeats", type=int, default=150)
     ap.add_argument("--subgroup", type=int, default=1 << 22)
     args = ap.parse_args()
-    copy = CopyBandwidth()
+    missing = deepspeed_missing()
+    if missing:
+        print(f"deepspeed_cpu_adam is left out: {missing}", flush=True)
+    llc = last_level_cache_bytes()
+    bw = MemBandwidth(llc)
     for _ in range(3):
-        copy.sample()
-    rows, raw, pending = [], {}, []
+        bw.sample()
+    rows, raw, pending, rounds = [], {}, [], {}
     kernel = None
     for size in args.sizes:
         n = int(size)
@@ -119,7 +169,9 @@ def main() -> None:
         for opt in opts.values():  # warm-up (state allocation, first-touch)
             update_phase(opt, params)
         times: dict[str, list[float]] = {k: [] for k in opts}
-        for r in range(args.repeats):
+        repeats = max(args.repeats, min(args.max_repeats, int(args.repeats * 1e8 / n)))
+        rounds[str(n)] = repeats
+        for r in range(repeats):
             # Rotate the order so every optimizer takes every position equally often: the
             # first one after the bandwidth sample starts with a cold cache (at 1M params that
             # alone is ~1.7x), which a fixed or forward/reverse order hands to the same ones.
@@ -129,7 +181,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 update_phase(opts[name], params)
                 times[name].append(time.perf_counter() - t0)
-            copy.sample()
+            bw.sample()
         med = {k: median(v) for k, v in times.items()}
         best_peer = min(v for k, v in med.items() if k != "ours")
         raw[str(n)] = times
@@ -141,41 +193,60 @@ def main() -> None:
                     "median_step_s": t,
                     "Mparams_per_s": n / t / 1e6,
                     "vs_best_peer": best_peer / t,
+                    "working_set_vs_llc": 16 * n / llc if llc else float("nan"),
                 }
             )
         for opt in opts.values():
             if hasattr(opt, "close"):
                 opt.close()
         del opts, params
-    bw = copy.median()
-    print(f"memory bandwidth (torch copy, read+write, median): {bw / 1e9:.2f} GB/s")
+    mem_bw, stream = bw.median(), bw.median("stream_triad")
+    print(
+        f"memory bandwidth: in-place triad {mem_bw / 1e9:.2f} GB/s, STREAM triad "
+        f"{stream / 1e9:.2f} GB/s (STREAM's byte count), {torch.get_num_threads()} threads, "
+        f"last-level cache {llc / 2**20:.0f} MiB"
+    )
     for row in pending:
-        row["fraction_of_mem_bw"] = row["Mparams_per_s"] * 1e6 * BYTES_PER_PARAM / bw
+        row["fraction_of_mem_bw"] = row["Mparams_per_s"] * 1e6 * BYTES_PER_PARAM / mem_bw
         rows.append(row)
         print(
             f"{row['params']:>10} {row['optimizer']:>28}: {row['median_step_s'] * 1e3:9.2f} ms "
             f"{row['Mparams_per_s']:8.1f} Mparam/s  x{row['vs_best_peer']:.3f} of best peer  "
             f"{row['fraction_of_mem_bw']:.2f} of mem bw"
         )
+    peers = "DeepSpeedCPUAdam, torch AdamW default/foreach/fused"
+    if missing:
+        peers = f"torch AdamW default/foreach/fused (deepspeed_cpu_adam left out: {missing})"
     notes = (
-        f"Memory bandwidth (large torch fp32 copy, read+write bytes/s): {bw / 1e9:.2f} GB/s. "
-        f"AdamW moves {BYTES_PER_PARAM} bytes/param (reads p, g, m, v; writes p, m, v); "
-        "fraction_of_mem_bw = params/s x 28 / bandwidth (sampled between rounds, median; it can "
-        "exceed 1: the copy is counted as 8 bytes/element, but a plain store also reads the "
-        "destination line first (write-allocate), so the copy really moves ~12 and the reference "
-        "is low by up to 1.5x; at 1M params the working set is also largely in the 32 MB L3). "
-        "vs_best_peer = best peer's median time / this one's (>= 0.95 is 'within 5%'). 'ours' = full InterleavedOptimizer.step "
-        f"(placement=cpu, kernel={kernel}, norm + copies included). {args.repeats} interleaved "
-        "steps per optimizer after one warm-up, order rotated each round, medians; one run."
+        f"Peers: {peers}. Memory bandwidth ({torch.get_num_threads()} torch threads, arrays of "
+        f"{bw.a.numel() * 4 / 2**20:.0f} MiB each, last-level cache {llc / 2**20:.0f} MiB, "
+        "median of samples taken between rounds): in-place triad a += s*b "
+        f"{mem_bw / 1e9:.2f} GB/s (12 B/element), STREAM triad a = b + s*c "
+        f"{stream / 1e9:.2f} GB/s (STREAM's 24 B/element, which leaves out the write-allocate "
+        "read of a). fraction_of_mem_bw = params/s x 32 B / in-place triad bandwidth; 32 B = "
+        "the norm's read of g + AdamW's reads of p, g, m, v and writes of p, m, v, all in "
+        "place. working_set_vs_llc = 16 B/param (p, g, m, v) / last-level cache: where it is "
+        "< 1 the step runs from the cache and the fraction is not a DRAM figure (it can "
+        "exceed 1). vs_best_peer = best peer's median time / this one's (>= 0.95 is 'within "
+        "5%'). 'ours' = full InterleavedOptimizer.step "
+        f"(placement=cpu, kernel={kernel}, norm + copies included). Interleaved steps per "
+        f"optimizer after one warm-up (rounds per size: {rounds}), order rotated each round, "
+        "medians; one run."
     )
     write_results(
         "offload_optimizer",
         {
-            "mem_bw_Bps": bw,
-            "mem_bw_samples_Bps": copy.samples,
+            "mem_bw_Bps": mem_bw,
+            "stream_triad_Bps": stream,
+            "mem_bw_samples_Bps": bw.samples,
+            "bytes_per_param": BYTES_PER_PARAM,
+            "last_level_cache_bytes": llc,
+            "threads": torch.get_num_threads(),
+            "missing_peers": {"deepspeed_cpu_adam": missing} if missing else {},
             "times_s": raw,
             "rows": rows,
             "ours_kernel": kernel,
+            "rounds": rounds,
         },
         rows,
         notes,

@@ -167,7 +167,7 @@ def _io_bw(io: AsyncFileIO, folder: Path, nbytes: int, repeats: int = 3) -> tupl
     read back at once can be served from a (virtual) disk's cache and overstate the bandwidth.
     """
     k = max(1, min(16, -(-(256 << 20) // nbytes)))
-    buf = aligned_empty(nbytes // 4).fill_(1.0)
+    buf = io.empty(nbytes // 4).fill_(1.0)  # the staging buffers the optimizer will use
     paths = [folder / f"calib_{os.getpid()}_{threading.get_ident()}_{i}.bin" for i in range(k)]
     w, r = [], []
     try:
@@ -183,6 +183,7 @@ def _io_bw(io: AsyncFileIO, folder: Path, nbytes: int, repeats: int = 3) -> tupl
     finally:
         for path in paths:
             path.unlink(missing_ok=True)
+        io.free(buf)
     return k * nbytes / _median(r), k * nbytes / _median(w)
 
 

@@ -244,7 +244,7 @@ class InterleavedOptimizer(torch.optim.Optimizer):
         # Host buffers: one gradient buffer per slot for CPU updates, one state buffer per slot
         # for NVMe staging, one device state buffer pair for 'stage'.
         self._grad_slots = [aligned_empty(max_pad) for _ in range(N_SLOTS)] if host_sgs else []
-        self._state_slots = [aligned_empty(3 * max_pad) for _ in range(N_SLOTS)] if nvme_sgs else []
+        self._state_slots = [self.io.empty(3 * max_pad) for _ in range(N_SLOTS)] if nvme_sgs else []
         staged = [sg for sg in self.subgroups if sg.placement == "stage"]
         self._dev_state = (
             torch.empty(3 * max_pad, device=self.device) if staged or self._has_device() else None
@@ -515,6 +515,7 @@ class InterleavedOptimizer(torch.optim.Optimizer):
     def close(self) -> None:
         """Stop I/O threads (files stay; they are scratch space, not checkpoints)."""
         if self.io is not None:
+            self._state_slots = []  # buffers from io.empty() die with it
             self.io.close()
 
 

@@ -6,7 +6,9 @@ included: ``offload.calibrate`` times the real code path), a staged device updat
 ``12 n / h2d + 12 n / d2h`` of transfers, and an NVMe subgroup adds a read and a write of
 ``12 n`` bytes that overlap the neighbouring CPU updates (one read ahead, one write behind),
 simulated event by event with one read queue and one write queue (the pipeline keeps a read
-and a write in flight at once). The disk bandwidth is a blend of the figures measured with the
+and a write in flight at once). Staged subgroups are updated inside the host loop, in order: on
+an accelerator they only queue work on its side stream (device timeline), without one they
+take CPU time on the host timeline, overlapping the NVMe I/O in flight. The disk bandwidth is a blend of the figures measured with the
 CPU busy and idle, weighted by the share of I/O time that CPU updates can cover. With ``same_resource`` (no accelerator: the
 "device" is the CPU) everything runs on the same cores, so times add; on an accelerator the
 device timeline runs concurrently with the CPU timeline and the phase ends with the later one.
@@ -56,7 +58,11 @@ def predict_update_time(
         if pl == "device":
             dev_t += n * cal.dev_s_per_param
         elif pl == "stage":
-            dev_t += n * cal.dev_s_per_param + 12 * n / cal.h2d_bps + 12 * n / cal.d2h_bps
+            t = n * cal.dev_s_per_param + 12 * n / cal.h2d_bps + 12 * n / cal.d2h_bps
+            if same_resource:  # run in the host loop, in order, while NVMe I/O is in flight
+                cpu_t += t
+            else:  # queued on the device's side stream; the CPU goes on
+                dev_t += t
         elif pl == "cpu":
             cpu_t += n * t_cpu
         else:
