@@ -22,14 +22,16 @@ to ``ALIGN`` bytes by the caller (``offload.tiers`` pads subgroups to 1024 fp32 
 
 How the host memory behind a buffer was first touched matters as much as the queue depth.
 O_DIRECT DMAs straight into the buffer's pages, so every request carries one scatter-gather
-segment per *physically* contiguous run. A torch tensor first filled by several OpenMP threads
-gets its pages faulted in interleaved order, i.e. physically scattered: on a virtio disk
-measured here that cost 20-25% of read bandwidth against fio (``benchmarks/offload_io.py``).
-Unpinned buffers from ``aligned_empty`` are therefore anonymous mappings starting on a 2 MiB
-boundary, advised for transparent huge pages and populated page by page, in address order, by
-one thread; DeepSpeed's page-locked buffers (``AsyncFileIO.empty``) are collapsed into huge
-pages after allocation. Measured on that disk: a 48 MiB buffer went from ~10^4 physical runs
-to ~24, and both backends from 0.7-0.75 of fio's read bandwidth to ~1.0.
+segment per *physically* contiguous run (at most 254 per request on the development machine's
+virtio disk). A torch tensor first filled by several OpenMP threads gets its pages faulted in
+interleaved order, i.e. physically scattered (thousands of runs per 48 MiB), and so do
+DeepSpeed's page-locked 4 KiB pages once host memory is fragmented. Unpinned buffers from
+``aligned_empty`` are therefore anonymous mappings starting on a 2 MiB boundary, advised for
+transparent huge pages and populated page by page, in address order, by one thread;
+DeepSpeed's page-locked buffers (``AsyncFileIO.empty``) are collapsed into huge pages after
+allocation. Both then show ~24 physical runs per 48 MiB. On that disk, reading into scattered
+buffers ran at 0.70-0.94 (six runs, typically ~0.85) of the read bandwidth into contiguous
+ones in the same run (``benchmarks/offload_io.py``, the ``threads_scattered`` row).
 """
 
 from __future__ import annotations
