@@ -21,8 +21,9 @@ load), with a STREAM-style kernel shaped like AdamW's accesses: the in-place tri
 ``a += s * b`` (reads a, b; writes a; 12 bytes per element, nothing hidden), on arrays each at
 least twice the last-level cache, through torch's intra-op threads (the threads the fused and
 foreach kernels use; DeepSpeed's OpenMP pool has the same size). STREAM's own out-of-place
-triad ``a = b + s * c`` is reported too, with STREAM's count (24 bytes per element; a real
-machine also reads a's lines before writing them, so that figure reads low). The fraction
+triad ``a = b + s * c`` is reported too, with STREAM's count (3 arrays: 12 bytes per fp32
+element; a real machine also reads a's lines before writing them, 16 bytes in all, so that
+figure reads ~25% low: measured here ~22 GB/s against ~30 GB/s in place). The fraction
 only measures DRAM bandwidth where the step's working set (16 bytes per parameter) is larger
 than the last-level cache; smaller sizes run from the cache and may exceed 1.
 
@@ -74,8 +75,8 @@ class MemBandwidth:
         self.a.add_(self.b, alpha=1e-3)  # a += s*b: read a, b; write a
         self.samples["inplace_triad"].append(12 * n / (time.perf_counter() - t0))
         t0 = time.perf_counter()
-        torch.add(self.b, self.c, alpha=3.0, out=self.a)  # a = b + s*c (STREAM's 24 B)
-        self.samples["stream_triad"].append(24 * n / (time.perf_counter() - t0))
+        torch.add(self.b, self.c, alpha=3.0, out=self.a)  # a = b + s*c: 3 fp32 arrays
+        self.samples["stream_triad"].append(12 * n / (time.perf_counter() - t0))
 
     def median(self, kind: str = "inplace_triad") -> float:
         return median(self.samples[kind])
@@ -222,8 +223,8 @@ def main() -> None:
         f"{bw.a.numel() * 4 / 2**20:.0f} MiB each, last-level cache {llc / 2**20:.0f} MiB, "
         "median of samples taken between rounds): in-place triad a += s*b "
         f"{mem_bw / 1e9:.2f} GB/s (12 B/element), STREAM triad a = b + s*c "
-        f"{stream / 1e9:.2f} GB/s (STREAM's 24 B/element, which leaves out the write-allocate "
-        "read of a). fraction_of_mem_bw = params/s x 32 B / in-place triad bandwidth; 32 B = "
+        f"{stream / 1e9:.2f} GB/s (STREAM's count, 12 B/element in fp32, which leaves out the "
+        "write-allocate read of a). fraction_of_mem_bw = params/s x 32 B / in-place triad bandwidth; 32 B = "
         "the norm's read of g + AdamW's reads of p, g, m, v and writes of p, m, v, all in "
         "place. working_set_vs_llc = 16 B/param (p, g, m, v) / last-level cache: where it is "
         "< 1 the step runs from the cache and the fraction is not a DRAM figure (it can "
