@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from offload.aio import AsyncFileIO, Ticket, aligned_empty
-from offload.kernels import AdamHyper, apply_multi, make_kernel, torch_fused
+from offload.kernels import AdamHyper, apply_multi, make_kernel, rank_list_kernels, torch_fused
 from offload.tiers import (
     PLACEMENTS,
     OffloadConfigError,
@@ -171,11 +171,11 @@ class InterleavedOptimizer(torch.optim.Optimizer):
             self.calibration.best_cpu_kernel() if cpu_kernel == "auto" else cpu_kernel
         )
         self.cpu_kernel = make_kernel(self.cpu_kernel_name)
-        # Host-resident parameters are updated in place as lists of per-parameter views. The
-        # calibration times kernels on one flat buffer; on lists, DeepSpeed's op pays a call
-        # per tensor while torch's fused kernel takes the whole list in one call, so ``auto``
-        # uses torch's there (measured here: 1M params in 4 tensors, 0.67 ms vs 0.79 ms a step).
-        self.cpu_list_kernel = torch_fused if cpu_kernel == "auto" else self.cpu_kernel
+        # Host-resident parameters are updated in place as lists of per-parameter views; which
+        # kernel is faster there depends on the list's shape too (chosen once the subgroups
+        # are built, in ``_choose_list_kernel``).
+        self.cpu_list_kernel = self.cpu_kernel
+        self.cpu_list_kernel_name = self.cpu_kernel_name
         if placement == "auto":
             from offload.perf_model import plan_placement
 
@@ -199,6 +199,8 @@ class InterleavedOptimizer(torch.optim.Optimizer):
         ):
             io_backend = self.calibration.io_backend  # the faster one measured here
         self._setup_storage(nvme_path, io_backend, io_threads, max_pad)
+        if cpu_kernel == "auto":
+            self._choose_list_kernel()
         # The state exists from here on (zero moments, master weights = the parameters), in the
         # subgroups rather than in ``self.state``. Say so in ``self.state`` too: DCP's
         # ``set_optimizer_state_dict`` otherwise "initialises" an empty-looking optimizer with a
@@ -281,6 +283,21 @@ class InterleavedOptimizer(torch.optim.Optimizer):
             p._offload_row = True
         sg.extra["aliased"] = True
 
+    def _choose_list_kernel(self) -> None:
+        """``cpu_kernel=auto`` on aliased subgroups: time torch's fused kernel against the
+        calibration's pick on scratch lists shaped like the largest aliased subgroup (DeepSpeed
+        pays a call per tensor, torch one per list, so many small tensors favour torch)."""
+        aliased = [sg for sg in self.subgroups if sg.extra.get("aliased")]
+        if not aliased or self.cpu_kernel_name == "torch_fused":
+            return
+        sg = max(aliased, key=lambda s: s.numel)
+        sizes = [p.numel() for p in sg.params]
+        speed = rank_list_kernels(
+            {"torch_fused": torch_fused, self.cpu_kernel_name: self.cpu_kernel}, sizes
+        )
+        if speed["torch_fused"] > speed[self.cpu_kernel_name]:
+            self.cpu_list_kernel, self.cpu_list_kernel_name = torch_fused, "torch_fused"
+
     def _has_device(self) -> bool:
         return any(sg.placement == "device" for sg in self.subgroups)
 
@@ -319,7 +336,11 @@ class InterleavedOptimizer(torch.optim.Optimizer):
             return loss
         coef = None
         if self.max_grad_norm > 0:
-            coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+            # The same fp32 expression as parallelism.utils.clip_grad_norm_, taken to a float
+            # once (so every subgroup scales by the value the trainer's clip would use).
+            coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0).item()
+            if coef >= 1.0:
+                coef = None
         self.step_count += 1
         for sg in self.subgroups:
             if sg.placement == "device":
@@ -342,7 +363,7 @@ class InterleavedOptimizer(torch.optim.Optimizer):
         n = sg.numel
         g = gather_flat(self._grads(sg), sg, self._dev_grad)
         if coef is not None:
-            g.mul_(coef.to(g.device))
+            g.mul_(coef)
         torch_fused(state[0, :n], g, state[1, :n], state[2, :n], self._hyper(sg))
         scatter_flat(state[0], sg, sg.locals())
 
@@ -366,8 +387,8 @@ class InterleavedOptimizer(torch.optim.Optimizer):
             # Host-resident model: update the parameters in place from their own gradients
             # (no gradient copy, no copy back). Clipping scales the gradients in place, as
             # torch.nn.utils.clip_grad_norm_ does.
-            if coef is not None and coef.item() < 1.0:
-                torch._foreach_mul_(grads, coef.item())
+            if coef is not None:
+                torch._foreach_mul_(grads, coef)
             cached = sg.extra.get("row_views")
             if cached is None or cached[0] is not state:  # slicing costs ~8% of a 1M step
                 cached = (
@@ -391,7 +412,7 @@ class InterleavedOptimizer(torch.optim.Optimizer):
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # d2h copies landed
         if coef is not None:
-            g.mul_(coef.cpu())
+            g.mul_(coef)
         self.cpu_kernel(state[0, :n], g, state[1, :n], state[2, :n], self._hyper(sg))
         if not sg.extra.get("aliased"):
             scatter_flat(state[0], sg, sg.locals())

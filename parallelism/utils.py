@@ -31,8 +31,12 @@ def clip_grad_norm_(
         key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else ("local",)
         groups.setdefault(key, []).append(g)
     sq = torch.zeros((), dtype=torch.float32)
-    for group in groups.values():
-        norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in group])
+    for key, group in groups.items():
+        if key == ("local",) and all(g.dtype == torch.float32 for g in group):
+            # One call over the list (on CPU the same per-tensor norms, with less overhead).
+            norms = torch.stack(torch._foreach_norm(group))
+        else:
+            norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in group])
         norm = torch.linalg.vector_norm(norms)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()

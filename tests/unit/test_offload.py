@@ -132,6 +132,35 @@ def test_deepspeed_cpu_adam_kernel_matches(tmp_path: Path) -> None:
     assert_same_as_reference(model, ref)
 
 
+@pytest.mark.parametrize("winner", ["torch_fused", "torch_foreach"])
+def test_auto_kernel_on_aliased_lists_follows_measurement(
+    winner: str, tmp_path: Path, monkeypatch
+) -> None:
+    """``cpu_kernel=auto``: the in-place (aliased) update uses whichever kernel the list
+    measurement found faster, and either choice still equals torch.optim.AdamW."""
+    import offload.optimizer as opt_mod
+
+    cal = calibrate(torch.device("cpu"), None, 1 << 12, cache="", verbose=False)
+    cal.cpu_kernel_params_per_s = {"torch_fused": 1.0, "torch_foreach": 2.0}
+    seen: list[list[int]] = []
+
+    def fake_rank(kernels, sizes, repeats=7):
+        seen.append(sizes)
+        return {k: (2.0 if k == winner else 1.0) for k in kernels}
+
+    monkeypatch.setattr(opt_mod, "rank_list_kernels", fake_rank)
+    ref = tiny_gpt()
+    train_reference(ref)
+    model = tiny_gpt()
+    opt = make_opt(model, "cpu", tmp_path, cpu_kernel="auto", calibration=cal)
+    assert opt.cpu_kernel_name == "torch_foreach"
+    assert opt.cpu_list_kernel_name == winner
+    biggest = max(opt.subgroups, key=lambda sg: sg.numel)
+    assert seen == [[p.numel() for p in biggest.params]]
+    train_offload(model, opt)
+    assert_same_as_reference(model, ref)
+
+
 def test_state_dict_roundtrip_across_tiers(tmp_path: Path) -> None:
     """10 steps with state on NVMe, save, restore into a CPU-placed optimizer, 10 more steps:
     equals 20 uninterrupted AdamW steps; the state dict also loads into torch.optim.AdamW."""
