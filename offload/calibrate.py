@@ -11,7 +11,10 @@ Measured (each a median of a few repeats):
   backend (thread pool, DeepSpeed async_io when built); the faster one is the tier's backend
   under ``io_backend=auto`` (on some virtual disks libaio is slower than parallel ``preadv``);
 * under contention: the CPU update while the disk reads/writes, and the disk while the CPU
-  updates (both happen at once in the NVMe pipeline).
+  updates (both happen at once in the NVMe pipeline);
+* the disk's duplex factor: a read and a write in flight together (as the pipeline keeps
+  them) against the same transfers one after the other. 1 = the two share one queue (the
+  development machine's virtual disk measures 0.9-1.07), 2 = they do not slow each other.
 
 The figures are cached in a JSON file keyed by host, device, NVMe folder, torch version and
 subgroup size (ZeRO-Infinity and Deep Optimizer States calibrate the same way at start-up).
@@ -53,6 +56,9 @@ class Calibration:
     nvme_read_bps_cpu: float = 1.0
     nvme_write_bps_cpu: float = 1.0
     io_backend: str = "none"
+    nvme_duplex: float = 1.0
+    """(read time + write time) / time with both in flight, clamped to [1, 2]; 1 when not
+    measured (the conservative reading: reads and writes share the disk)."""
 
     def best_cpu_kernel(self) -> str:
         """The CPU kernel with the highest measured throughput; ``torch_fused`` (no build, no
@@ -84,6 +90,7 @@ class Calibration:
             (f"NVMe write ({self.io_backend})", gb(self.nvme_write_bps)),
             ("NVMe read, CPU busy", gb(self.nvme_read_bps_cpu)),
             ("NVMe write, CPU busy", gb(self.nvme_write_bps_cpu)),
+            ("NVMe read+write at once", f"{self.nvme_duplex:8.2f} x (duplex)"),
         ]
         w = max(len(a) for a, _ in rows)
         return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
@@ -187,11 +194,42 @@ def _io_bw(io: AsyncFileIO, folder: Path, nbytes: int, repeats: int = 3) -> tupl
     return k * nbytes / _median(r), k * nbytes / _median(w)
 
 
+def _io_duplex(io: AsyncFileIO, folder: Path, nbytes: int, repeats: int = 3) -> float:
+    """Duplex factor of the disk: (reads alone + writes alone) / (each read paired with a write
+    to another file, both in flight), over >= 256 MB a pass; median, clamped to [1, 2]."""
+    k = max(1, min(16, -(-(256 << 20) // nbytes)))
+    a, b = io.empty(nbytes // 4).fill_(1.0), io.empty(nbytes // 4).fill_(2.0)
+    paths = [folder / f"duplex_{os.getpid()}_{i}.bin" for i in range(k + 1)]
+    ratios = []
+    try:
+        for path in paths:
+            io.write(a, path).wait()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for path in paths[:k]:
+                io.read(a, path).wait()
+            for path in paths[:k]:
+                io.write(b, path).wait()
+            t2 = time.perf_counter()
+            for i in range(k):
+                r, w = io.read(a, paths[i + 1]), io.write(b, paths[i])
+                r.wait()
+                w.wait()
+            ratios.append((t2 - t0) / (time.perf_counter() - t2))
+    finally:
+        for path in paths:
+            path.unlink(missing_ok=True)
+        io.free(a)
+        io.free(b)
+    return min(2.0, max(1.0, _median(ratios)))
+
+
 def measure(device: torch.device, nvme_path: str | None, numel: int = 1 << 22) -> Calibration:
     """Run every measurement (a few seconds for the default 4M-parameter subgroup)."""
     cal = Calibration(device=str(device), numel=numel)
-    host = aligned_empty(numel).fill_(1.0)
-    dev = torch.empty(numel, device=device)
+    # Copies at the size a staged subgroup moves: its 3 state rows (12 bytes a parameter).
+    host = aligned_empty(3 * numel).fill_(1.0)
+    dev = torch.empty(3 * numel, device=device)
     cal.h2d_bps = _copy_bw(host, dev)
     cal.d2h_bps = _copy_bw(dev, host)
     names = ["torch_fused", "torch_foreach"]
@@ -227,6 +265,7 @@ def measure(device: torch.device, nvme_path: str | None, numel: int = 1 << 22) -
                 trial.close()
         (cal.nvme_read_bps, cal.nvme_write_bps), io = best
         cal.io_backend = io.backend
+        cal.nvme_duplex = _io_duplex(io, folder, nbytes)
         k = make_kernel(kernel)
         p, g, m, v = (torch.rand(numel) for _ in range(4))
         from offload.kernels import AdamHyper

@@ -316,6 +316,30 @@ def test_perf_model_respects_budgets_and_prefers_faster_placement() -> None:
     assert "stage" in plan_placement(n, cal, 0, 0, False, False)
 
 
+@pytest.mark.parametrize("duplex, transfers", [(1.0, 8), (2.0, 5), (1.5, 6.5)])
+def test_perf_model_nvme_pipeline_follows_the_disks_duplex(duplex: float, transfers) -> None:
+    """4 NVMe subgroups, free CPU updates, equal read and write speed, T = one transfer: a
+    half-duplex disk (one queue) serves 4 reads + 4 writes in turn (8 T); with independent
+    queues the first read, then read k+1 alongside write k, then the last write (5 T)."""
+    from offload.calibrate import Calibration
+    from offload.tiers import padded
+
+    bw = 1e9
+    cal = Calibration(
+        cpu_s_per_param=1e-15,
+        cpu_s_per_param_io=1e-15,
+        nvme_read_bps=bw,
+        nvme_write_bps=bw,
+        nvme_read_bps_cpu=bw,
+        nvme_write_bps_cpu=bw,
+        nvme_duplex=duplex,
+    )
+    n = [1 << 20] * 4
+    t = 12 * padded(n[0]) / bw
+    got = predict_update_time(n, ["nvme"] * 4, cal, True)
+    assert got == pytest.approx(transfers * t, rel=1e-6)
+
+
 def test_cpu_placement_updates_host_params_in_place(tmp_path: Path) -> None:
     """On a CPU-resident model, ``cpu`` subgroups own the parameters' storage (no copy back);
     other placements keep the parameters' own storage."""
