@@ -37,6 +37,9 @@ from offload.aio import AsyncFileIO, aligned_empty
 from offload.kernels import deepspeed_op_ready, make_kernel, rank_kernels
 
 DEFAULT_CACHE = "~/.cache/lattice/offload_calibration.json"
+CALIBRATION_VERSION = 2
+"""Part of the cache key: bumped when what is measured changes (2: duplex factor, copies at a
+staged subgroup's size), so figures cached by an older version are measured again."""
 
 
 @dataclass
@@ -285,7 +288,10 @@ def measure(device: torch.device, nvme_path: str | None, numel: int = 1 << 22) -
 
 def _cache_key(device: torch.device, nvme_path: str | None, numel: int) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return f"{socket.gethostname()}|{name}|{nvme_path or '-'}|torch {torch.__version__}|{numel}"
+    return (
+        f"v{CALIBRATION_VERSION}|{socket.gethostname()}|{name}|{nvme_path or '-'}|"
+        f"torch {torch.__version__}|{numel}"
+    )
 
 
 def calibrate(
