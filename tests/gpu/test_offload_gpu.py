@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from offload.calibrate import calibrate
 from parallelism.utils import clip_grad_norm_
 from tests.unit.test_offload import (
     CLIP,
@@ -19,6 +18,7 @@ from tests.unit.test_offload import (
     STEPS,
     adamw_groups,
     assert_rel_close,
+    auto_mix_kwargs,
     batch,
     loss_fn,
     make_opt,
@@ -49,15 +49,7 @@ def test_cuda_model_matches_adamw_over_20_steps(placement: str, tmp_path: Path) 
         ref_opt.step()
 
     model = tiny_gpt().cuda()
-    kw = {}
-    if placement == "auto":  # budgets force a mix: some resident, some host, some on NVMe
-        kw = dict(
-            calibration=calibrate(
-                torch.device("cuda"), str(tmp_path / "nvme"), 1 << 16, cache="", verbose=False
-            ),
-            device_budget_bytes=100_000,
-            host_budget_bytes=250_000,
-        )
+    kw = auto_mix_kwargs("cuda", tmp_path) if placement == "auto" else {}
     opt = make_opt(model, placement, tmp_path, **kw)
     if placement == "auto":
         summary = opt.placement_summary()

@@ -97,6 +97,18 @@ def make_opt(model, placement, tmp_path, **kw) -> InterleavedOptimizer:
     )
 
 
+def auto_mix_kwargs(device: str, tmp_path: Path) -> dict:
+    """``placement=auto`` arguments whose budgets force a mix: some subgroups resident on the
+    device, some in host memory, some on NVMe."""
+    return dict(
+        calibration=calibrate(
+            torch.device(device), str(tmp_path / "nvme"), 1 << 16, cache="", verbose=False
+        ),
+        device_budget_bytes=100_000,
+        host_budget_bytes=250_000,
+    )
+
+
 @pytest.mark.parametrize(
     "placement", ["device", "cpu", "nvme", "stage", "device,stage,cpu,nvme", "auto"]
 )
@@ -104,15 +116,7 @@ def test_matches_adamw_over_20_steps(placement: str, tmp_path: Path) -> None:
     ref = tiny_gpt()
     ref_opt = train_reference(ref)
     model = tiny_gpt()
-    kw = {}
-    if placement == "auto":  # budgets force a mix: some resident, some host, some on NVMe
-        kw = dict(
-            calibration=calibrate(
-                torch.device("cpu"), str(tmp_path / "nvme"), 1 << 16, cache="", verbose=False
-            ),
-            device_budget_bytes=100_000,
-            host_budget_bytes=250_000,
-        )
+    kw = auto_mix_kwargs("cpu", tmp_path) if placement == "auto" else {}
     opt = make_opt(model, placement, tmp_path, **kw)
     assert len(opt.subgroups) >= 4
     if placement == "auto":
