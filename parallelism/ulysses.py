@@ -117,11 +117,21 @@ def validate_ulysses(n_heads: int, n_kv_heads: int, tp: int, sp: int, seq_len: i
             f"model.n_heads={n_heads} is not divisible by parallel.tp x parallel.sp = {tp} x {sp}: "
             "heads are split by tp, then by sp"
         )
-    kv_local = n_kv_heads // tp if n_kv_heads % tp == 0 else 0
-    if kv_local == 0 or (kv_local % sp and sp % kv_local):
+    if n_kv_heads % tp:
         raise LayoutError(
-            f"model.n_kv_heads={n_kv_heads} per tensor-parallel rank ({n_kv_heads}/{tp}) must divide "
-            f"or be a multiple of parallel.sp={sp}"
+            f"model.n_kv_heads={n_kv_heads} is not divisible by parallel.tp={tp}: each "
+            "tensor-parallel rank needs whole kv heads; set model.n_kv_heads to a multiple of "
+            f"{tp} or lower parallel.tp"
+        )
+    kv_local = n_kv_heads // tp
+    if kv_local % sp and sp % kv_local:
+        ok = [k * tp for k in range(1, n_heads // tp + 1) if (k % sp == 0 or sp % k == 0)]
+        ok = [k for k in ok if n_heads % k == 0]
+        raise LayoutError(
+            f"model.n_kv_heads={n_kv_heads} leaves {kv_local} kv heads per tensor-parallel "
+            f"rank, which neither divides nor is a multiple of parallel.sp={sp} (Ulysses "
+            f"splits them over sp ranks or replicates them); set model.n_kv_heads to one of "
+            f"{ok} or change parallel.sp"
         )
     if seq_len % sp:
         raise LayoutError(f"train.seq_len={seq_len} is not divisible by parallel.sp={sp}")

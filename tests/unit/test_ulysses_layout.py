@@ -13,9 +13,23 @@ from parallelism.ulysses import expand_kv_heads, validate_ulysses
     [
         (6, 6, 1, 4, 64, "model.n_heads=6 is not divisible by parallel.tp x parallel.sp = 1 x 4"),
         (8, 8, 2, 8, 64, "model.n_heads=8 is not divisible by parallel.tp x parallel.sp = 2 x 8"),
-        (12, 6, 1, 4, 64, "model.n_kv_heads=6 per tensor-parallel rank (6/1)"),  # 6 vs 4
-        (8, 3, 1, 2, 64, "model.n_kv_heads=3 per tensor-parallel rank (3/1)"),  # 3 vs 2
-        (8, 2, 4, 2, 64, "model.n_kv_heads=2 per tensor-parallel rank (2/4)"),  # kv not split by tp
+        (
+            12,
+            6,
+            1,
+            4,
+            64,
+            "model.n_kv_heads=6 leaves 6 kv heads per tensor-parallel rank",
+        ),  # 6 vs 4
+        (8, 3, 1, 2, 64, "set model.n_kv_heads to one of [1, 2, 4, 8]"),  # 3 vs 2
+        (
+            8,
+            2,
+            4,
+            2,
+            64,
+            "model.n_kv_heads=2 is not divisible by parallel.tp=4",
+        ),  # kv not split by tp
         (8, 8, 1, 4, 30, "train.seq_len=30 is not divisible by parallel.sp=4"),
     ],
 )
