@@ -37,20 +37,16 @@ class AdamHyper:
     step: int
 
 
-def torch_fused(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, h: AdamHyper):
-    """``torch._fused_adamw_`` on one flat tensor (any device torch has a fused AdamW for).
-
-    Args:
-        p, g, m, v: parameters, gradients, exp_avg, exp_avg_sq; each shape ``(N,)``, fp32.
-    """
-    step = torch.tensor(float(h.step), device=p.device)
+def _fused_lists(ps: list, gs: list, ms: list, vs: list, h: AdamHyper) -> None:
+    """One ``torch._fused_adamw_`` call over lists of tensors (the step shared by all)."""
+    step = torch.tensor(float(h.step), device=ps[0].device)
     torch._fused_adamw_(
-        [p],
-        [g],
-        [m],
-        [v],
+        ps,
+        gs,
+        ms,
+        vs,
         [],
-        [step],
+        [step] * len(ps),
         lr=h.lr,
         beta1=h.beta1,
         beta2=h.beta2,
@@ -59,6 +55,15 @@ def torch_fused(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tens
         amsgrad=False,
         maximize=False,
     )
+
+
+def torch_fused(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, h: AdamHyper):
+    """``torch._fused_adamw_`` on one flat tensor (any device torch has a fused AdamW for).
+
+    Args:
+        p, g, m, v: parameters, gradients, exp_avg, exp_avg_sq; each shape ``(N,)``, fp32.
+    """
+    _fused_lists([p], [g], [m], [v], h)
 
 
 def apply_multi(
@@ -75,22 +80,7 @@ def apply_multi(
         ps, gs, ms, vs: per-parameter flat fp32 tensors, ``ps[i].shape == gs[i].shape == (n_i,)``.
     """
     if kernel is torch_fused:
-        step = torch.tensor(float(h.step), device=ps[0].device)
-        torch._fused_adamw_(
-            ps,
-            gs,
-            ms,
-            vs,
-            [],
-            [step] * len(ps),
-            lr=h.lr,
-            beta1=h.beta1,
-            beta2=h.beta2,
-            weight_decay=h.weight_decay,
-            eps=h.eps,
-            amsgrad=False,
-            maximize=False,
-        )
+        _fused_lists(ps, gs, ms, vs, h)
         return
     for p, g, m, v in zip(ps, gs, ms, vs):
         kernel(p, g, m, v, h)
