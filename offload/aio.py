@@ -106,21 +106,34 @@ def _mapped_empty(nbytes: int) -> torch.Tensor | None:
     return whole[shift : shift + nbytes]
 
 
-def _collapse_huge(t: torch.Tensor) -> None:
+def _collapse_huge(t: torch.Tensor) -> int:
     """Best effort: back the ``HUGE``-aligned part of ``t``'s (resident) memory with huge pages
-    now (Linux >= 6.1 ``MADV_COLLAPSE``; a no-op where unsupported)."""
+    now (Linux >= 6.1 ``MADV_COLLAPSE``).
+
+    Returns:
+        0 when collapsed (or nothing to collapse), else the errno: ``EAGAIN``/``ENOMEM`` when
+        the kernel has no free huge pages (fragmented host memory; retried twice on EAGAIN),
+        ``EINVAL`` where unsupported. The buffer works either way, with 4 KiB pages.
+    """
     lo = -(-t.data_ptr() // HUGE) * HUGE
     hi = (t.data_ptr() + t.numel() * t.element_size()) // HUGE * HUGE
     if hi <= lo:
-        return
+        return 0
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        libc.madvise(lo, hi - lo, getattr(mmap, "MADV_COLLAPSE", 25))
     except (OSError, AttributeError):
-        pass
+        return errno.ENOSYS
+    err = 0
+    for _ in range(3):
+        if libc.madvise(lo, hi - lo, getattr(mmap, "MADV_COLLAPSE", 25)) == 0:
+            return 0
+        err = ctypes.get_errno()
+        if err != errno.EAGAIN:
+            break
+    return err
 
 
 def probe_direct_io(folder: str | Path) -> bool:
@@ -231,6 +244,9 @@ class AsyncFileIO:
         self._fd_lock = threading.Lock()
         # (buffer handed out, DeepSpeed-managed allocation behind it), freed by close()
         self._locked: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.collapse_errors: list[int] = []
+        """errnos of page-locked buffers the kernel could not put on huge pages (they work
+        with 4 KiB pages, at the read bandwidth cost the module docstring gives)."""
 
     # -- staging buffers ------------------------------------------------------------------------
     def empty(self, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -279,7 +295,9 @@ class AsyncFileIO:
             return None
         shift = ((-base.data_ptr()) % HUGE) // itemsize if slack else 0
         view = base[shift : shift + numel]
-        _collapse_huge(view)
+        err = _collapse_huge(view)
+        if err:
+            self.collapse_errors.append(err)
         self._locked.append((view, base))
         return view
 

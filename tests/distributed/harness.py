@@ -10,6 +10,7 @@ rank's return value. Any rank that raises, dies or overruns fails the test with 
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import socket
@@ -67,6 +68,7 @@ def _child(
     except BaseException:
         queue.put((rank, "error", traceback.format_exc()))
     finally:
+        gc.collect()  # objects holding gloo work die before the group does (see trainer_utils)
         if init_pg and dist.is_initialized():
             dist.destroy_process_group()
 
