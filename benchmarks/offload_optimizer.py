@@ -30,6 +30,13 @@ figure reads ~25% low: measured here ~22 GB/s against ~30 GB/s in place). The fr
 only measures DRAM bandwidth where the step's working set (16 bytes per parameter) is larger
 than the last-level cache; smaller sizes run from the cache and may exceed 1.
 
+Every timed step starts with cold caches: a read of an array twice the last-level cache
+evicts whatever the previous step left (in training the optimizer step follows the backward
+pass, which does the same). Without it, at 1M parameters (16 MB of state, cache-resident) a
+step's time depended on which optimizer ran just before it (a fixed rotation gives each the
+same predecessor every round), up to 1.3x, and the ratio of medians drifted away from the
+same-round ratio. ``--warm`` turns the eviction off.
+
 Short steps are noisier on a shared machine, so sizes below 100M get proportionally more
 rounds (``--repeats`` x 1e8 / params, at most ``--max-repeats``).
 
@@ -80,6 +87,11 @@ class MemBandwidth:
         t0 = time.perf_counter()
         torch.add(self.b, self.c, alpha=3.0, out=self.a)  # a = b + s*c: 3 fp32 arrays
         self.samples["stream_triad"].append(12 * n / (time.perf_counter() - t0))
+
+    def evict(self) -> None:
+        """Read one array (>= 2x the last-level cache): what any earlier step left in the
+        caches is gone, as after a backward pass."""
+        self.c.sum()
 
     def median(self, kind: str = "inplace_triad") -> float:
         return median(self.samples[kind])
@@ -150,7 +162,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7, 1e8])
     ap.add_argument("--repeats", type=int, default=15, help="rounds at 100M params")
-    ap.add_argument("--max-repeats", type=int, default=1000)
+    ap.add_argument("--max-repeats", type=int, default=300)
+    ap.add_argument(
+        "--warm",
+        dest="cold",
+        action="store_false",
+        help="do not evict the caches before each timed step (steps then start from whatever "
+        "the previous optimizer left there)",
+    )
     ap.add_argument("--subgroup", type=int, default=1 << 22)
     args = ap.parse_args()
     missing = deepspeed_missing()
@@ -180,6 +199,8 @@ def main() -> None:
             k = r % len(opts)
             names = list(opts)[k:] + list(opts)[:k]
             for name in names:
+                if args.cold:
+                    bw.evict()
                 t0 = time.perf_counter()
                 update_phase(opts[name], params)
                 times[name].append(time.perf_counter() - t0)
@@ -234,8 +255,15 @@ def main() -> None:
         "write-allocate read of a). fraction_of_mem_bw = params/s x 32 B / in-place triad bandwidth; 32 B = "
         "the norm's read of g + AdamW's reads of p, g, m, v and writes of p, m, v, all in "
         "place. working_set_vs_llc = 16 B/param (p, g, m, v) / last-level cache: where it is "
-        "< 1 the step runs from the cache and the fraction is not a DRAM figure (it can "
-        "exceed 1). vs_best_peer = best peer's median time / this one's (>= 0.95 is 'within "
+        "< 1 the update's second read of g (after the norm's) can hit the cache, so the "
+        "fraction is not a pure DRAM figure. "
+        + (
+            "Caches evicted before every timed step (a read of 2x the LLC; cold, as after a "
+            "backward pass). "
+            if args.cold
+            else "Caches not evicted between steps (--warm). "
+        )
+        + "vs_best_peer = best peer's median time / this one's (>= 0.95 is 'within "
         "5%'); vs_best_peer_paired = median over rounds of the same ratio within one round. 'ours' = full InterleavedOptimizer.step "
         f"(placement=cpu, kernel={kernel}, norm + copies included). Interleaved steps per "
         f"optimizer after one warm-up (rounds per size: {rounds}), order rotated each round, "
