@@ -65,9 +65,9 @@ def _simulate(
     # rate, the rest at the idle rate. (Blending the two rates by that time share instead
     # weighted *bytes* by a time fraction and charged the busy rate ~4x too often here.)
     cpu_work = sum(n * t_cpu for n, p in zip(numels, placements) if p in ("cpu", "nvme"))
-    reads, writes = sum(io_bytes), sum(io_bytes)
-    t_free = reads / cal.nvme_read_bps + writes / cal.nvme_write_bps
-    t_busy = reads / cal.nvme_read_bps_cpu + writes / cal.nvme_write_bps_cpu
+    moved = sum(io_bytes)  # read once and written once
+    t_free = moved / cal.nvme_read_bps + moved / cal.nvme_write_bps
+    t_busy = moved / cal.nvme_read_bps_cpu + moved / cal.nvme_write_bps_cpu
     slow = 1.0
     if t_free > 0 and t_busy > t_free:
         busy = min(cpu_work, t_busy)
