@@ -34,15 +34,13 @@ from typing import Any
 
 import torch
 
+from models.errors import CheckpointError
+
 FORMAT = "lattice-universal-checkpoint"
 VERSION = 1
 ALIGN = 64
 INDEX = "index.json"
 LATEST = "latest"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be saved or loaded; the message names the file and the fix."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:

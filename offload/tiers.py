@@ -30,15 +30,11 @@ from pathlib import Path
 
 import torch
 
+from models.errors import OffloadConfigError
 from offload.aio import ALIGN, aligned_empty
-from parallelism.dims import LayoutError
 
 PLACEMENTS = ("device", "stage", "cpu", "nvme")
 PAD = ALIGN // 4  # fp32 elements per alignment unit
-
-
-class OffloadConfigError(LayoutError):
-    """Bad offload configuration or unusable NVMe path; the message names the field and fix."""
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

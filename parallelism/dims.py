@@ -14,11 +14,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from models.errors import LayoutError
+
 MESH_ORDER = ("pp", "dp_replicate", "dp_shard", "sp", "tp")
-
-
-class LayoutError(ValueError):
-    """A parallel layout that cannot run; the message names the field and the fix."""
 
 
 @dataclass

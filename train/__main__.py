@@ -13,10 +13,8 @@ import sys
 
 from omegaconf import OmegaConf
 
-from checkpoint import CheckpointError
-from parallelism.dims import LayoutError
-from train.cli import ConfigError, load_config, parse_argv
-from train.data import DataError
+from models.errors import LatticeUserError
+from train.cli import load_config, parse_argv
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer_cls = plan.spec.trainer() if plan.spec.trainer else Trainer
         trainer = trainer_cls(job, cfg, plan)
         trainer.fit()
-    except (ConfigError, LayoutError, DataError, CheckpointError) as exc:
+    except LatticeUserError as exc:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         prefix = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
         print(f"{prefix}error: {exc}", file=sys.stderr)

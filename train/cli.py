@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from models.errors import ConfigError
 from train.config import JobConfig, register_configs
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -29,10 +30,6 @@ Examples:
   torchrun --nproc_per_node=4 -m train parallel.dp_shard=4
 Groups: model parallel optim data checkpoint offload logging experiment debug (see configs/).
 """
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration error: one line, naming the field and the fix."""
 
 
 def _one_line(exc: Exception) -> str:

@@ -25,11 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.errors import DataError
+
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
-
-
-class DataError(ValueError):
-    """Missing or malformed data; the message names the path and the fix."""
 
 
 # -- shards on disk ----------------------------------------------------------------------------

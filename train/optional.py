@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-from train.cli import ConfigError
+from models.errors import MissingPackageError
 
 DALI_PACKAGE = "nvidia-dali-cuda120==2.4.0"
 DALI_INSTALL = 'pip install -e ".[dali]"'
@@ -23,11 +23,6 @@ APEX_INSTALL = (
     '--config-settings "--build-option=--cuda_ext" ./apex); PyPI\'s `apex` is a different package'
 )
 DATA_BACKENDS = ("torch", "dali")
-
-
-class MissingPackageError(ConfigError):
-    """An optional package a config selects is not installed (or a loader field is bad); the
-    message names the field, the package and the install command."""
 
 
 def dali_available() -> bool:

@@ -34,14 +34,10 @@ from pathlib import Path
 import torch
 from torchrec import KeyedJaggedTensor
 
-from train.data import DataError
+from models.errors import RecDataError
 
 CRITEO_DENSE = 13
 CRITEO_SPARSE = 26
-
-
-class RecDataError(DataError):
-    """Bad click-data input; the message names the field and the fix."""
 
 
 def feature_names(n: int) -> list[str]:
