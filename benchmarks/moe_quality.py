@@ -39,13 +39,14 @@ def _summary(run_dir: Path) -> dict:
 def _active_params(name: str) -> dict:
     import torch
 
+    from parallelism.dims import ParallelDims
     from train.cli import load_config
-    from train.specs import get_model_spec
+    from train.families import get_family
 
     job, _ = load_config([f"model={name}"])
-
+    family = get_family(job.model)(job, ParallelDims(1), 0)
     with torch.device("meta"):
-        model = get_model_spec(job.model.name).build(job.model)
+        model = family.model_cls(family.model_config())
     total = sum(p.numel() for p in model.parameters())
     active = total
     if name == "gpt_moe":

@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from checkpoint.adapter import CheckpointAdapter
 from checkpoint.engine import SaveJob, SnapshotEngine, WriteItem, pause_point
 from checkpoint.format import (
     FORMAT,
@@ -79,54 +80,25 @@ class LocalChunk:
         return list(self.local.shape)
 
 
-def vocab_padding(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """Canonical parameter names whose dim 0 is padded vocabulary: {name: (dim, logical_size)}."""
-    cfg = getattr(model, "cfg", None)
-    vocab, padded = getattr(cfg, "vocab_size", 0), getattr(cfg, "padded_vocab_size", 0)
-    if not vocab or padded <= vocab:
-        return {}
-    return {n: (0, vocab) for n in ("tok_embeddings.weight", "output.weight")}
-
-
-_WRAPPERS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "module.")
-
-
-def expert_params(model: nn.Module) -> set[str]:
-    """Canonical names of stacked expert weights (dim 0 indexes the experts), for the index."""
-    from models.moe import GroupedExperts
-
-    out = set()
-    for mod_name, mod in model.named_modules():
-        if isinstance(mod, GroupedExperts):
-            for p_name, _ in mod.named_parameters(recurse=False):
-                fqn = f"{mod_name}.{p_name}" if mod_name else p_name
-                for w in _WRAPPERS:
-                    fqn = fqn.replace(w, "")
-                out.add(fqn)
-    return out
-
-
 def _mesh_dims(t: DTensor) -> list[str]:
     names = t.device_mesh.mesh_dim_names
     return list(names) if names else [f"dim{i}" for i in range(t.device_mesh.ndim)]
 
 
 def local_chunks(
-    state: dict[str, Any],
-    prefix: str,
-    padding: dict[str, tuple[int, int]],
-    experts: set[str] | frozenset[str] = frozenset(),
+    state: dict[str, Any], prefix: str, adapter: CheckpointAdapter | None = None
 ) -> list[LocalChunk]:
     """Flatten a (nested) state dict of tensors into this rank's chunks in logical coordinates.
 
     Args:
         state: ``{fqn: tensor}`` or ``{fqn: {key: tensor}}`` (optimizer state).
-        prefix: ``"model"`` or ``"optim"``; names become ``prefix/fqn[/key]``.
-        padding: ``{fqn: (dim, logical_size)}``; rows beyond it are dropped from the chunk.
-        experts: fqns of stacked expert weights; recorded as ``expert`` {dim 0, num_experts}.
+        prefix: ``"model"`` or ``"optim"``; names become ``prefix/logical_fqn[/key]``.
+        adapter: the family's logical metadata (names, vocabulary padding, experts, tables).
     """
+    adapter = adapter or CheckpointAdapter()
     out = []
-    for fqn, value in state.items():
+    for local_fqn, value in state.items():
+        fqn = adapter.logical_name(local_fqn)
         items = value.items() if isinstance(value, dict) else [(None, value)]
         for key, t in items:
             if not isinstance(t, torch.Tensor):
@@ -148,15 +120,16 @@ def local_chunks(
                 part.update(placements=[], mesh_dims=[])
             logical = list(global_shape)
             storage = local
-            pad = padding.get(fqn)
+            pad = adapter.padding.get(fqn)
             if pad is not None and t.ndim > pad[0] and global_shape[pad[0]] > pad[1]:
                 d, size = pad
                 part["padding"] = {"dim": d, "padded_size": global_shape[d]}
                 logical[d] = size
                 keep = max(0, min(local.shape[d], size - offset[d]))
                 local = local.narrow(d, 0, keep)
-            if fqn in experts and t.ndim == 3:  # (E, ...) stacks, EP-sharded on dim 0
-                part["expert"] = {"dim": 0, "num_experts": logical[0]}
+            part.update(adapter.part(fqn, t.ndim))
+            if part["expert"] is not None:  # (E, ...) stacks, EP-sharded on dim 0
+                part["expert"]["num_experts"] = logical[0]
             meta = TensorMeta(name, logical, dtype_name(t.dtype), part)
             chunk = LocalChunk(name, local.detach(), list(offset), meta)
             chunk.storage = storage.detach()
@@ -247,6 +220,7 @@ class Manager:
         self.engine = SnapshotEngine(budget, pin=torch.cuda.is_available())
         self.job: SaveJob | None = None
         self.model = self.optimizer = self.scheduler = self.loader = None
+        self.adapter, self.extra = CheckpointAdapter(), None
         self.rng: torch.Generator | None = None
         self._writer_plan: dict[tuple, int] | None = None
         self._chunk_cache: tuple[tuple, list[LocalChunk]] | None = None
@@ -264,9 +238,14 @@ class Manager:
         scheduler: Any = None,
         train_loader: Any = None,
         rng: torch.Generator | None = None,
+        adapter: CheckpointAdapter | None = None,
+        extra: Any = None,
     ) -> None:
+        """Attach the training objects. ``adapter``: the family's tensor metadata; ``extra``:
+        a ``state_dict``/``load_state_dict`` object whose (JSON) state rides in train_state."""
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.loader, self.rng = train_loader, rng
+        self.adapter, self.extra = adapter or CheckpointAdapter(), extra
         if self.args.enabled and self.args.mode != "sync":
             # Parameters + Adam's two moments: the usual size of this rank's shard.
             local = sum(_local_numel(p) * p.element_size() for p in model.parameters())
@@ -279,13 +258,26 @@ class Manager:
         scheduler: Any = None,
         train_loader: Any = None,
         rng: torch.Generator | None = None,
+        adapter: CheckpointAdapter | None = None,
+        extra: Any = None,
     ) -> int:
         """Attach the training objects; load ``checkpoint.resume`` if set. Returns the step."""
-        self.attach(model, optimizer, scheduler, train_loader, rng)
+        self.attach(model, optimizer, scheduler, train_loader, rng, adapter, extra)
         spec = self.args.resume
         if not spec:
             return 0
         return self.load(resolve(self.root, spec))
+
+    def saved_extra(self) -> Any:
+        """The family's extra state in the checkpoint ``checkpoint.resume`` names (None when
+        not resuming), read before the model exists: a family whose structure is state (DMT's
+        tower plan) builds from it."""
+        spec = self.args.resume
+        if not spec:
+            return None
+        ckpt = resolve(self.root, spec)
+        index = read_index(ckpt)
+        return json.loads((ckpt / index["train_state"]).read_text()).get("extra")
 
     def due(self, step: int, final: bool = False) -> bool:
         if not self.args.enabled:
@@ -312,9 +304,8 @@ class Manager:
         if fp is not None and cached is not None and cached[0] == fp:
             return cached[1]
         msd, osd = self._state()
-        pad, exp = vocab_padding(self.model), expert_params(self.model)
-        chunks = local_chunks(msd, "model", pad, exp) + local_chunks(
-            osd["state"], "optim", pad, exp
+        chunks = local_chunks(msd, "model", self.adapter) + local_chunks(
+            osd["state"], "optim", self.adapter
         )
         live = {ptr for ptr, _ in fp or ()}
         aliased = all(c.local.untyped_storage().data_ptr() in live for c in chunks)
@@ -390,6 +381,7 @@ class Manager:
                 "step": step,
                 "scheduler": _jsonable(self.scheduler.state_dict()) if self.scheduler else None,
                 "data": _jsonable(self.loader.state_dict()) if self.loader else None,
+                "extra": _jsonable(self.extra.state_dict()) if self.extra is not None else None,
                 "param_groups": _jsonable(groups),
                 "world_size": self.world,
                 "layout": self.layout,
@@ -555,18 +547,44 @@ class Manager:
 
     # -- load ---------------------------------------------------------------------------------
     def load(self, ckpt: Path) -> int:
-        """Load ``ckpt`` into the attached objects on the current layout; returns its step."""
+        """Load ``ckpt`` into the attached objects on the current layout; returns its step.
+
+        Phases: read the index; match this rank's chunks to the saved ones; verify the bytes
+        of every file to be read; only then fill the live tensors and restore the small state.
+        Every rank raises together on a problem found before the fill (nothing half-loaded)."""
         ckpt = Path(ckpt)
+        index = self._read_index(ckpt)
+        msd, osd = self._state()
+        targets = local_chunks(msd, "model", self.adapter)
+        targets += local_chunks(osd["state"], "optim", self.adapter)
+        reads, error = self._match_chunks(ckpt, index, targets)
+        if error is None:
+            error = self._verify(ckpt, index, reads)
+        self._agree(error)
+        self._fill(ckpt, targets, reads)  # nothing below can fail on data
+        set_model_state_dict(self.model, msd)
+        state = json.loads((ckpt / index["train_state"]).read_text())
+        self._restore_optimizer(osd, state)
+        self._restore_train_state(ckpt, index, state)
+        self.last_committed = int(index["step"])
+        return int(state["step"])
+
+    def _read_index(self, ckpt: Path) -> dict:
         error, index = None, None
         try:
             index = read_index(ckpt)
         except CheckpointError as e:
             error = str(e)
         self._agree(error)
-        msd, osd = self._state()
-        pad = vocab_padding(self.model)
-        targets = local_chunks(msd, "model", pad) + local_chunks(osd["state"], "optim", pad)
+        return index
+
+    @staticmethod
+    def _match_chunks(
+        ckpt: Path, index: dict, targets: list[LocalChunk]
+    ) -> tuple[list[tuple[LocalChunk, Chunk, TensorMeta]], str | None]:
+        """The saved chunks overlapping each of this rank's chunks, or the first mismatch."""
         reads: list[tuple[LocalChunk, Chunk, TensorMeta]] = []
+        error = None
         for t in targets:
             meta = index["tensors"].get(t.name)
             if meta is None:
@@ -583,43 +601,55 @@ class Manager:
             for c in m.chunks:
                 if overlap(c.offset, c.shape, t.offset, t.shape) is not None:
                     reads.append((t, c, m))
-        files = {c.file for _, c, _ in reads} | {index["train_state"]} if index else set()
-        rank_rel = f"train_state/rank_{self.rank:05d}.json"
-        if index and rank_rel in index["manifest"]:
-            files.add(rank_rel)
-        if error is None:
-            try:
-                verify_files(ckpt, index, files)  # everything we read, before touching the model
-            except CheckpointError as e:
-                error = str(e)
-        self._agree(error)
-        # Nothing below can fail on data: fill the live tensors, then hand them to DCP's setters.
+        return reads, error
+
+    def _rank_rel(self) -> str:
+        return f"train_state/rank_{self.rank:05d}.json"
+
+    def _verify(self, ckpt: Path, index: dict, reads: list) -> str | None:
+        """Hash every file this rank reads, before touching the model."""
+        files = {c.file for _, c, _ in reads} | {index["train_state"]}
+        if self._rank_rel() in index["manifest"]:
+            files.add(self._rank_rel())
+        try:
+            verify_files(ckpt, index, files)
+        except CheckpointError as e:
+            return str(e)
+        return None
+
+    @staticmethod
+    @torch.no_grad()
+    def _fill(ckpt: Path, targets: list[LocalChunk], reads: list) -> None:
+        """Copy the overlapping boxes of the saved chunks into the live tensors."""
         mmaps: dict[str, np.memmap] = {}
-        with torch.no_grad():
-            for t in targets:
-                if t.meta.partitioning.get("padding") is not None:
-                    t.storage.zero_()  # re-pad: rows beyond the logical vocabulary start at zero
-            for t, c, m in reads:
-                mm = mmaps.get(c.file)
-                if mm is None:
-                    mm = mmaps[c.file] = np.memmap(ckpt / c.file, dtype=np.uint8, mode="r")
-                raw = torch.from_numpy(np.array(mm[c.byte_offset : c.byte_offset + c.nbytes]))
-                src = raw.view(dtype_from_name(m.dtype)).reshape(c.shape)
-                off, shape = overlap(c.offset, c.shape, t.offset, t.shape)
-                t.local[box_slices(off, shape, t.offset)].copy_(
-                    src[box_slices(off, shape, c.offset)]
-                )
-        set_model_state_dict(self.model, msd)
-        state = json.loads((ckpt / index["train_state"]).read_text())
+        for t in targets:
+            if t.meta.partitioning.get("padding") is not None:
+                t.storage.zero_()  # re-pad: rows beyond the logical vocabulary start at zero
+        for t, c, m in reads:
+            mm = mmaps.get(c.file)
+            if mm is None:
+                mm = mmaps[c.file] = np.memmap(ckpt / c.file, dtype=np.uint8, mode="r")
+            raw = torch.from_numpy(np.array(mm[c.byte_offset : c.byte_offset + c.nbytes]))
+            src = raw.view(dtype_from_name(m.dtype)).reshape(c.shape)
+            off, shape = overlap(c.offset, c.shape, t.offset, t.shape)
+            t.local[box_slices(off, shape, t.offset)].copy_(src[box_slices(off, shape, c.offset)])
+
+    def _restore_optimizer(self, osd: dict, state: dict) -> None:
         saved_groups = state.get("param_groups") or []
         for g, saved in zip(osd["param_groups"], saved_groups):
             for k, v in saved.items():
                 g[k] = tuple(v) if isinstance(g.get(k), tuple) else v
         set_optimizer_state_dict(self.model, self.optimizer, osd)
+
+    def _restore_train_state(self, ckpt: Path, index: dict, state: dict) -> None:
+        """Scheduler, data position, the family's extra state and (same world size) RNG."""
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.loader is not None and state.get("data") is not None:
             self.loader.load_state_dict(state["data"])
+        if self.extra is not None and state.get("extra") is not None:
+            self.extra.load_state_dict(state["extra"])
+        rank_rel = self._rank_rel()
         if rank_rel in index["manifest"] and state.get("world_size") == self.world:
             rank_state = json.loads((ckpt / rank_rel).read_text())
             _set_rng_state(rank_state["rng"])
@@ -629,10 +659,8 @@ class Manager:
             warnings.warn(
                 f"resuming {ckpt} (world size {state.get('world_size')}) on world size "
                 f"{self.world}: per-rank RNG streams are not restored",
-                stacklevel=2,
+                stacklevel=3,
             )
-        self.last_committed = int(index["step"])
-        return int(state["step"])
 
     def _agree(self, error: str | None) -> None:
         """Every rank raises together if any rank found a problem (nothing half-loaded)."""

@@ -26,10 +26,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.errors import ConfigError
+
+
+def nearest_divisor(n: int, k: int) -> int:
+    """The divisor of ``n`` closest to ``k`` (the smaller one on a tie): a suggested fix."""
+    return min((d for d in range(1, n + 1) if n % d == 0), key=lambda d: (abs(d - k), d))
+
 
 @dataclass
 class GPTConfig:
-    """Model hyper-parameters (see ``train.config.ModelArgs`` for the field docs)."""
+    """Model hyper-parameters (field docs: ``train.families.gpt.GPTArgs``). Derived sizes
+    (kv heads, SwiGLU hidden, padded vocabulary) are computed here once; a config that cannot
+    build raises ``ConfigError`` naming the ``model.*`` field."""
 
     vocab_size: int = 256
     dim: int = 128
@@ -55,14 +64,16 @@ class GPTConfig:
         if self.padded_vocab_size <= 0:
             self.padded_vocab_size = self.vocab_size
         if self.dim % self.n_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}: set "
-                f"model.n_heads to a divisor of {self.dim} or change model.dim"
+                f"model.n_heads to a divisor of {self.dim} (e.g. "
+                f"{nearest_divisor(self.dim, self.n_heads)}) or change model.dim"
             )
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads="
-                f"{self.n_kv_heads}: set model.n_kv_heads to a divisor of {self.n_heads}"
+                f"{self.n_kv_heads}: set model.n_kv_heads to a divisor of {self.n_heads} (e.g. "
+                f"{nearest_divisor(self.n_heads, self.n_kv_heads)})"
             )
 
     @property
@@ -255,7 +266,7 @@ class GPT(nn.Module):
 
 
 def build_gpt(model_args: object) -> GPT:
-    """Build a GPT from ``train.config.ModelArgs`` (or any object with the same fields)."""
+    """Build a GPT from ``GPTArgs`` (or any object with the same fields)."""
     fields = GPTConfig.__dataclass_fields__
     kwargs = {k: getattr(model_args, k) for k in fields if hasattr(model_args, k)}
     return GPT(GPTConfig(**kwargs))

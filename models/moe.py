@@ -22,9 +22,9 @@ Owns, as plain modules without process groups:
   loss of a training forward rides on the returned logits as ``logits.moe_aux_loss`` (a 0-d
   tensor in the graph), so the model family's loss function can add it without the trainer
   knowing about MoE.
-- ``GPTMoEStage``: the pipeline-stage form of ``GPTMoE``; stages pass the running sum of the
-  balancing losses to the next stage next to the hidden states, so the last stage's loss
-  includes every layer's.
+  As a pipeline stage (the same class with the blocks it does not own removed) it passes the
+  running sum of the balancing losses to the next stage next to the hidden states, so the last
+  stage's loss includes every layer's.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.errors import ConfigError
 from models.gpt import GPT, Block, GPTConfig
 
 ROUTERS = ("sparsemixer", "softmax")
@@ -44,7 +45,7 @@ ROUTERS = ("sparsemixer", "softmax")
 
 @dataclass
 class MoEConfig(GPTConfig):
-    """GPT hyper-parameters plus the MoE ones (see ``train.config.ModelArgs``)."""
+    """GPT hyper-parameters plus the MoE ones (field docs: ``train.families.gpt_moe.MoEArgs``)."""
 
     n_experts: int = 8
     top_k: int = 2
@@ -60,11 +61,13 @@ class MoEConfig(GPTConfig):
         if self.moe_ffn_hidden <= 0:
             self.moe_ffn_hidden = max(1, self.ffn_hidden // self.top_k)
         if self.router not in ROUTERS:
-            raise ValueError(f"model.router={self.router!r}: choose one of {ROUTERS}")
+            raise ConfigError(f"model.router={self.router!r}: use 'sparsemixer' or 'softmax'")
         if self.router == "sparsemixer" and self.top_k != 2:
-            raise ValueError(f"model.top_k={self.top_k}: the sparsemixer router is top-2 only")
+            raise ConfigError(f"model.top_k={self.top_k}: model.router=sparsemixer is top-2; set 2")
         if not 1 <= self.top_k <= self.n_experts:
-            raise ValueError(f"model.top_k={self.top_k} must be in [1, n_experts={self.n_experts}]")
+            raise ConfigError(
+                f"model.top_k={self.top_k} must be in [1, model.n_experts={self.n_experts}]"
+            )
 
 
 # -- routers ----------------------------------------------------------------------------------
@@ -367,12 +370,32 @@ class GPTMoE(GPT):
         """Layer key -> its MoE module (whatever wrappers surround the blocks)."""
         return {k: m for k, b in self.layers.items() for m in b.modules() if isinstance(m, MoE)}
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        out = super().forward(x, positions)
+    def forward(
+        self,
+        x: torch.Tensor,
+        aux_in: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """As ``GPT.forward``; a training forward carries the summed balancing loss of every MoE
+        layer on the logits as ``moe_aux_loss``.
+
+        As a pipeline stage (``parallelism.pipeline.split_model`` removes the blocks a stage
+        does not own) the balancing losses of every stage must reach the loss on the last
+        stage: a stage without the output projection returns ``(hidden_BSD, aux)``, where
+        ``aux`` (0-d fp32, in the graph) is the incoming ``aux_in`` plus its own layers'
+        losses; the pipeline sends it forward like an activation and its gradient
+        (``aux_loss_coef / n_micro``) back like one. ``aux_in`` is None on the first stage.
+        """
+        out = GPT.forward(self, x, positions)
+        aux = aux_in
         if self.training:
-            aux = [m.aux_loss for m in self.moe_layers().values() if m.aux_loss is not None]
-            if aux:
-                out.moe_aux_loss = torch.stack(aux).sum()
+            own = [m.aux_loss for m in self.moe_layers().values() if m.aux_loss is not None]
+            if own:
+                aux = torch.stack(own).sum() if aux is None else aux + torch.stack(own).sum()
+        if self.output is None:
+            return out, aux if aux is not None else out.new_zeros((), dtype=torch.float32)
+        if self.training and aux is not None:
+            out.moe_aux_loss = aux
         return out
 
     def init_tensor(
@@ -388,36 +411,8 @@ class GPTMoE(GPT):
         return super().init_tensor(name, shape, generator)
 
 
-class GPTMoEStage(GPTMoE):
-    """A pipeline stage of a ``GPTMoE`` (``parallelism.pipeline.split_model`` deletes the blocks
-    it does not own; ``parallelism.parallelize_gpt_moe`` gives the stage this class).
-
-    The balancing losses of every stage must reach the loss on the last stage, so a stage that
-    is not last returns ``(hidden_BSD, aux)`` where ``aux`` (0-d fp32, in the graph) is the sum of
-    the incoming ``aux_in`` and its own layers' losses; the pipeline sends it forward like an
-    activation and its gradient (``aux_loss_coef / n_micro``) back like one. The last stage puts
-    the total on its logits as ``moe_aux_loss``, exactly as the unsplit model does. Positions
-    come from ``position_offset`` (pipeline stages receive no positions).
-    """
-
-    def forward(  # type: ignore[override]
-        self, x: torch.Tensor, aux_in: torch.Tensor | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        out = GPT.forward(self, x)
-        aux = aux_in if aux_in is not None else out.new_zeros((), dtype=torch.float32)
-        if self.training:
-            for m in self.moe_layers().values():
-                if m.aux_loss is not None:
-                    aux = aux + m.aux_loss
-        if self.output is None:
-            return out, aux
-        if self.training:
-            out.moe_aux_loss = aux
-        return out
-
-
 def build_gpt_moe(model_args: object) -> GPTMoE:
-    """Build a GPTMoE from ``train.config.ModelArgs`` (or any object with the same fields)."""
+    """Build a GPTMoE from ``MoEArgs`` (or any object with the same fields)."""
     fields = MoEConfig.__dataclass_fields__
     kwargs = {k: getattr(model_args, k) for k in fields if hasattr(model_args, k)}
     return GPTMoE(MoEConfig(**kwargs))

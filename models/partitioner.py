@@ -63,10 +63,13 @@ class TowerPlan:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
-    def load(cls, path: str | Path) -> TowerPlan:
-        d = yaml.safe_load(Path(path).read_text())
+    def from_dict(cls, d: dict) -> TowerPlan:
         towers = [list(t["features"]) for t in d["towers"]]
         return cls(towers, [float(t.get("cost", 0.0)) for t in d["towers"]], d.get("method", ""))
+
+    @classmethod
+    def load(cls, path: str | Path) -> TowerPlan:
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()))
 
 
 def contiguous_plan(names: list[str], num_towers: int, dim: int) -> TowerPlan:

@@ -307,6 +307,33 @@ class _ShardedBase(nn.Module):
             for p, g in zip(params, torch.split(flat, [g.numel() for g in grads])):
                 p.grad = g.view_as(p).clone()
 
+    def _norm_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(parameters whose squared norms are summed over the world: each is counted on one
+        rank only, parameters replicated on every rank)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Global gradient L2 norm, each parameter counted once (tables on their owner, tower
+        modules on their host's first rank, dense parts everywhere), then clip to ``max_norm``
+        (no clipping when <= 0). Call after ``reduce_gradients``; identical on every rank."""
+        unique, replicated = self._norm_groups()
+
+        def sq(params: list[nn.Parameter]) -> torch.Tensor:
+            grads = [p.grad.float() for p in params if p.grad is not None]
+            if not grads:
+                return torch.zeros((), dtype=torch.float32)
+            return torch.stack(torch._foreach_norm(grads)).square().sum()
+
+        total_sq = sq(unique)
+        dist.all_reduce(total_sq, group=self.groups.world)
+        total = (total_sq + sq(replicated)).sqrt()
+        if max_norm > 0 and torch.isfinite(total):
+            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0).item()
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            torch._foreach_mul_(grads, coef)
+        return total
+
     @torch.no_grad()
     def init_weights_(self, init_fn, seed: int, device: torch.device | str = "cpu") -> None:
         """Materialise (from meta) and fill every parameter from the plain model's seeded init,
@@ -375,6 +402,10 @@ class ShardedDLRM(_ShardedBase):
     def _grad_groups(self):
         dense = [*self.dense_arch.parameters(), *self.over_arch.parameters()]
         return [(dense, self.groups.world)]
+
+    def _norm_groups(self):
+        tables = list(self.local_ebc.parameters()) if self.local_ebc is not None else []
+        return tables, [*self.dense_arch.parameters(), *self.over_arch.parameters()]
 
 
 class ShardedDMT(_ShardedBase):
@@ -496,6 +527,12 @@ class ShardedDMT(_ShardedBase):
             (dense, self.groups.world),
             (list(self.tower_modules.parameters()), self.groups.intra),
         ]
+
+    def _norm_groups(self):
+        unique = list(self.local_ebc.parameters()) if self.local_ebc is not None else []
+        if self.local_rank == 0:  # tower modules: replicated over the host's ranks
+            unique += list(self.tower_modules.parameters())
+        return unique, [*self.dense_arch.parameters(), *self.over_arch.parameters()]
 
 
 def analytic_cross_host_traffic(

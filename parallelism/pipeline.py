@@ -16,6 +16,7 @@ stage only, so it is summed over the pp group (zeros elsewhere) for logging.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,7 +24,6 @@ import torch.distributed as dist
 from torch import nn
 
 from parallelism.dims import LayoutError, ParallelDims
-from parallelism.ulysses import sequence_slice
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b")
 
@@ -142,7 +142,9 @@ class PipelinedGPT(nn.Module):
         return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("a pipelined model runs through PipelineRunner, not model(x)")
+        raise RuntimeError(
+            "a pipelined model runs through its schedule (build_schedule), not model(x)"
+        )
 
 
 def split_model(model: nn.Module, dims: ParallelDims, virtual: int) -> PipelinedGPT:
@@ -153,71 +155,61 @@ def split_model(model: nn.Module, dims: ParallelDims, virtual: int) -> Pipelined
     return PipelinedGPT([split_stage(model, s, n_stages) for s in ids], ids, n_stages)
 
 
-class PipelineRunner:
-    """Runs one training or evaluation step of a ``PipelinedGPT`` through a torch schedule."""
+@dataclass
+class PipelineSchedule:
+    """A built torch pipeline schedule and what running it needs to know (the trainer runs
+    it: ``schedule.step(*inputs, target=..., losses=...)`` on every pipeline rank)."""
 
-    def __init__(
-        self, model: PipelinedGPT, dims: ParallelDims, job: Any, loss_fn: Any, device: Any
-    ) -> None:
-        from torch.distributed.pipelining import (
-            PipelineStage,
-            Schedule1F1B,
-            ScheduleGPipe,
-            ScheduleInterleaved1F1B,
-        )
+    schedule: Any
+    """``ScheduleGPipe`` / ``Schedule1F1B`` / ``ScheduleInterleaved1F1B``."""
+    pp_group: dist.ProcessGroup
+    has_first: bool
+    """This rank holds the first stage (feeds the inputs)."""
+    has_last: bool
+    """This rank holds the last stage (computes the loss)."""
+    n_micro: int
 
-        self.pp_group = dims.mesh["pp"].get_group()
-        self.n_micro = num_microbatches(job, dims)
-        self.stages = [
-            PipelineStage(part, s, model.n_stages, device, group=self.pp_group)
-            for part, s in zip(model.parts, model.stage_ids)
-        ]
-        self.has_first = any(s.is_first for s in self.stages)
-        self.has_last = any(s.is_last for s in self.stages)
-        n = self.n_micro
 
-        def micro_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return loss_fn(out, y) / n
+def build_schedule(
+    model: PipelinedGPT, dims: ParallelDims, job: Any, loss_fn: Any, device: Any, start: int
+) -> PipelineSchedule:
+    """The schedule ``parallel.pp_schedule`` names over this rank's stages.
 
-        kind = job.parallel.pp_schedule
-        if kind == "interleaved_1f1b":
-            self.schedule = ScheduleInterleaved1F1B(
-                self.stages, n, loss_fn=micro_loss, scale_grads=False
-            )
-        else:
-            cls = ScheduleGPipe if kind == "gpipe" else Schedule1F1B
-            self.schedule = cls(self.stages[0], n, loss_fn=micro_loss, scale_grads=False)
-        self.device = device
-        # Ulysses: every stage sees this sp rank's slice of each sequence, at its global positions.
-        sp_rank = dims.coordinate(dist.get_rank())["sp"]
-        self.seq_slice = sequence_slice(job.train.seq_len, sp_rank, dims.sp)
-        for part in model.parts:
-            part.position_offset = self.seq_slice.start
+    Args:
+        loss_fn: ``(output, target) -> mean loss`` of one micro-batch (scaled by ``1/n_micro``
+            here: ``scale_grads=False``, see the module docstring).
+        start: global position of this rank's first token (its Ulysses slice), given to every
+            stage, since stages receive hidden states without positions.
+    """
+    from torch.distributed.pipelining import (
+        PipelineStage,
+        Schedule1F1B,
+        ScheduleGPipe,
+        ScheduleInterleaved1F1B,
+    )
 
-    def _run(self, micro_batches: list, train: bool) -> torch.Tensor:
-        sl = self.seq_slice
-        x = torch.cat([b[0][:, sl] for b in micro_batches]).to(self.device)
-        y = torch.cat([b[1][:, sl] for b in micro_batches]).to(self.device)
-        losses: list[torch.Tensor] = []
-        args = (x,) if self.has_first else ()
-        target = y if self.has_last else None
-        run = self.schedule.step if train else self.schedule.eval
-        run(*args, target=target, losses=losses)
-        total = torch.zeros((), device=self.device)
-        for loss in losses:
-            total += loss.detach().float()
-        dist.all_reduce(total, group=self.pp_group)  # only the last stage has a loss
-        return total
+    pp_group = dims.mesh["pp"].get_group()
+    n = num_microbatches(job, dims)
+    stages = [
+        PipelineStage(part, s, model.n_stages, device, group=pp_group)
+        for part, s in zip(model.parts, model.stage_ids)
+    ]
+    for part in model.parts:
+        part.position_offset = start
 
-    def forward_backward(self, micro_batches: list) -> torch.Tensor:
-        """One step's forward and backward over this data-parallel rank's micro-batches.
+    def micro_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return loss_fn(out, y) / n
 
-        Returns:
-            The mean loss over the micro-batches (0-d tensor, identical on all pp ranks).
-        """
-        return self._run(micro_batches, train=True)
-
-    @torch.no_grad()
-    def evaluate(self, micro_batches: list) -> float:
-        """Forward-only mean loss of one batch (identical on all pp ranks)."""
-        return self._run(micro_batches, train=False).item()
+    kind = job.parallel.pp_schedule
+    if kind == "interleaved_1f1b":
+        schedule = ScheduleInterleaved1F1B(stages, n, loss_fn=micro_loss, scale_grads=False)
+    else:
+        cls = ScheduleGPipe if kind == "gpipe" else Schedule1F1B
+        schedule = cls(stages[0], n, loss_fn=micro_loss, scale_grads=False)
+    return PipelineSchedule(
+        schedule,
+        pp_group,
+        any(s.is_first for s in stages),
+        any(s.is_last for s in stages),
+        n,
+    )

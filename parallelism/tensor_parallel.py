@@ -51,27 +51,29 @@ def padded_vocab(vocab_size: int, tp: int) -> int:
     return -(-vocab_size // tp) * tp
 
 
-def validate_tensor_parallel(job: Any, tp: int) -> None:
-    """Reject models that do not split over ``tp`` ranks; messages name the field and the fix."""
+def validate_tensor_parallel(cfg: Any, tp: int, seq_len: int, parallel: Any) -> None:
+    """Reject models that do not split over ``tp`` ranks; messages name the field and the fix.
+
+    Args:
+        cfg: the built model config (``models.gpt.GPTConfig``: derived sizes already resolved).
+        seq_len: ``train.seq_len``; parallel: ``ParallelArgs``.
+    """
     if tp == 1:
         return
-    m, t = job.model, job.train
-    n_kv = m.n_kv_heads or m.n_heads
-    for name, value in (("n_heads", m.n_heads), ("n_kv_heads", n_kv)):
+    for name, value in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.n_kv_heads)):
         if value % tp:
             raise LayoutError(
                 f"model.{name}={value} is not divisible by parallel.tp={tp}: tensor parallelism "
                 f"splits whole heads; choose parallel.tp dividing {value}"
             )
-    ffn = m.ffn_hidden or m.multiple_of * -(-int(8 * m.dim / 3) // m.multiple_of)
-    if ffn % tp:
+    if cfg.ffn_hidden % tp:
         raise LayoutError(
-            f"model.ffn_hidden={ffn} (SwiGLU hidden size) is not divisible by parallel.tp={tp}: "
-            "set model.ffn_hidden (or model.multiple_of) to a multiple of tp"
+            f"model.ffn_hidden={cfg.ffn_hidden} (SwiGLU hidden size) is not divisible by "
+            f"parallel.tp={tp}: set model.ffn_hidden (or model.multiple_of) to a multiple of tp"
         )
-    if job.parallel.sequence_parallel_norms and t.seq_len % tp:
+    if parallel.sequence_parallel_norms and seq_len % tp:
         raise LayoutError(
-            f"train.seq_len={t.seq_len} is not divisible by parallel.tp={tp}: sequence-parallel "
+            f"train.seq_len={seq_len} is not divisible by parallel.tp={tp}: sequence-parallel "
             "norms shard the sequence; use a multiple of tp or parallel.sequence_parallel_norms=false"
         )
 

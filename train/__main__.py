@@ -27,9 +27,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from train.trainer import Trainer, plan_run
 
-        plan = plan_run(job)
-        trainer_cls = plan.spec.trainer() if plan.spec.trainer else Trainer
-        trainer = trainer_cls(job, cfg, plan)
+        trainer = Trainer(job, cfg, plan_run(job))
         trainer.fit()
     except LatticeUserError as exc:
         world = int(os.environ.get("WORLD_SIZE", "1"))

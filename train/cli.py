@@ -48,7 +48,9 @@ def compose(overrides: list[str]) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
-    register_configs()
+    from train.families import model_schemas
+
+    register_configs(model_schemas())
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
@@ -61,9 +63,46 @@ def compose(overrides: list[str]) -> DictConfig:
         )
         hint = "; check the spelling against `python -m train --cfg job`"
         if m:
-            hint = f"; `{m.group(1)}` is not a config key: see `python -m train --cfg job` for the valid keys"
+            hint = unknown_key_hint(m.group(1), overrides)
         raise ConfigError(f"config error: {msg}{hint}") from None
     return cfg
+
+
+RENAMED: dict[str, str] = {}
+"""Public override keys that were renamed: old key -> new key (each fails naming the new one)."""
+
+
+def _full_key(key: str, overrides: list[str]) -> str:
+    """``dim`` (Hydra reports the leaf) -> ``model.dim`` as the user typed it."""
+    for o in overrides:
+        name = o.split("=", 1)[0].lstrip("+~")
+        if name == key or name.endswith("." + key):
+            return name
+    return key
+
+
+def unknown_key_hint(key: str, overrides: list[str]) -> str:
+    """Why ``key`` is not a config key: renamed (its new name), a field of another model
+    family (which one), or unknown."""
+    from train.families import owner_of
+
+    full = _full_key(key, overrides)
+    if full in RENAMED:
+        return f"; `{full}` was renamed to `{RENAMED[full]}`: use {RENAMED[full]}=..."
+    group, _, field = full.partition(".")
+    owner = owner_of(field) if group == "model" else None
+    if owner is not None:
+        return (
+            f"; `{full}` is a field of the {owner} model family: select it with model=... "
+            f"(e.g. {_example_group(owner)}) before setting it"
+        )
+    return f"; `{full}` is not a config key: see `python -m train --cfg job` for the valid keys"
+
+
+def _example_group(family: str) -> str:
+    files = sorted((CONFIG_DIR / "model").glob("*.yaml"))
+    names = [p.stem for p in files if f"- {family}_schema" in p.read_text()]
+    return f"model={names[0]}" if names else f"model={family}"
 
 
 def to_job_config(cfg: DictConfig) -> JobConfig:

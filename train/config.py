@@ -29,64 +29,17 @@ class RunArgs:
 
 @dataclass
 class ModelArgs:
-    """A model family and its size. Fields not used by a family are ignored by it."""
+    """The model family; each family extends this with its own typed fields.
+
+    ``configs/model/*.yaml`` select a family's schema (``train/families/``: ``GPTArgs``,
+    ``MoEArgs``, ``DLRMArgs``, ``DMTArgs``) through their defaults list, so a field of another
+    family (``model.n_experts`` on ``model=gpt_tiny``) is rejected with the family it belongs to.
+    """
 
     name: str = "gpt"
     """Model family: ``gpt`` (Llama-style decoder), ``gpt_moe`` (its GRIN mixture-of-experts
-    variant), ``dlrm`` (flat DLRM recommender) or ``dmt`` (disaggregated multi-tower)."""
-    vocab_size: int = 256
-    """Vocabulary size (256 for the byte-level corpus)."""
-    dim: int = 128
-    """Hidden size."""
-    n_layers: int = 4
-    """Number of transformer blocks."""
-    n_heads: int = 4
-    """Query heads."""
-    n_kv_heads: int = 0
-    """Key/value heads for grouped-query attention; 0 means n_heads (multi-head attention)."""
-    ffn_hidden: int = 0
-    """SwiGLU hidden size; 0 means 8/3 x dim rounded up to ``multiple_of``."""
-    multiple_of: int = 32
-    """Rounding of the derived SwiGLU hidden size."""
-    norm_eps: float = 1e-5
-    """RMSNorm epsilon."""
-    rope_theta: float = 10000.0
-    """Rotary embedding base."""
-    max_seq_len: int = 2048
-    """Longest sequence the rotary table covers."""
-    tie_embeddings: bool = False
-    """Share the token embedding and the output projection."""
-    init_std: float = 0.02
-    """Standard deviation of the normal initialisation of linear and embedding weights."""
-    n_experts: int = 8
-    """``gpt_moe``: experts per MoE layer."""
-    top_k: int = 2
-    """``gpt_moe``: experts per token (``sparsemixer`` needs 2)."""
-    router: str = "sparsemixer"
-    """``gpt_moe``: ``sparsemixer`` (GRIN SparseMixer-v2) or ``softmax`` (plain top-k)."""
-    jitter_eps: float = 0.01
-    """``gpt_moe``: SparseMixer-v2 jitter epsilon (experts further than 2*eps are masked)."""
-    aux_loss_coef: float = 0.01
-    """``gpt_moe``: weight of the global load-balancing loss (0 disables it)."""
-    moe_ffn_hidden: int = 0
-    """``gpt_moe``: hidden size of one expert; 0 means ffn_hidden // top_k (the dense model's
-    active FFN parameters)."""
-    # -- recommender models (``dlrm``, ``dmt``); ``dim`` is the embedding dimension there --
-    num_embeddings: int = 64
-    """``dlrm``/``dmt``: rows per embedding table (Criteo ids are hashed modulo this)."""
-    dense_layers: list[int] = field(default_factory=lambda: [32])
-    """``dlrm``/``dmt``: hidden sizes of the dense arch (``dim`` is appended)."""
-    over_layers: list[int] = field(default_factory=lambda: [64, 32])
-    """``dlrm``/``dmt``: hidden sizes of the over arch (the 1-logit output is appended)."""
-    num_towers: int = 4
-    """``dmt``: number of towers (each lives on one host under SPTT)."""
-    tower_out: int = 1
-    """``dmt``: embeddings out of each tower module (0: no tower module, SPTT only)."""
-    tower_plan: str = "auto"
-    """``dmt``: ``auto`` (partition from a flat-DLRM warm-up), ``round_robin``, or the path of a
-    pinned plan YAML (every run writes its plan to ``<run.dir>/tower_plan.yaml``)."""
-    partition_warmup_steps: int = 200
-    """``dmt`` with ``tower_plan=auto``: flat-DLRM warm-up steps before partitioning."""
+    variant), ``dlrm`` (flat DLRM recommender) or ``dmt`` (disaggregated multi-tower). Chosen
+    with the config group (``model=gpt_moe``), not by setting this field."""
 
 
 @dataclass
@@ -288,7 +241,10 @@ class JobConfig:
     logging: LoggingArgs = field(default_factory=LoggingArgs)
 
 
-def register_configs() -> None:
-    """Register the schema (and each group's schema) in Hydra's ConfigStore."""
+def register_configs(model_schemas: dict[str, type] | None = None) -> None:
+    """Register the schema in Hydra's ConfigStore: ``base_config``, and each model family's
+    args as ``model/<family>_schema`` (selected by the defaults list of ``configs/model/*``)."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=JobConfig)
+    for family, schema in (model_schemas or {}).items():
+        cs.store(group="model", name=f"{family}_schema", node=schema)

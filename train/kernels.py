@@ -32,15 +32,19 @@ def _apex_rms_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return fused_rms_norm_affine(x, self.weight, (x.shape[-1],), self.eps)
 
 
-def apply_fused_rmsnorm(model: nn.Module) -> int:
+def apply_fused_rmsnorm(model: nn.Module) -> int | None:
     """Route every ``models.gpt.RMSNorm`` in ``model`` through apex's fused kernel.
 
     Returns:
-        The number of norms swapped (0 when apex is absent: the model is left as it is).
+        The number of norms swapped (0 when apex is absent: the model is left as it is), or
+        None for a model without RMSNorm (the recommenders).
     """
+    from models.gpt import RMSNorm
+
+    if not any(isinstance(m, RMSNorm) for m in model.modules()):
+        return None
     if not apex_available():
         return 0
-    from models.gpt import RMSNorm
 
     n = 0
     for mod in model.modules():

@@ -21,8 +21,9 @@ class MetricsLogger:
         wandb_project: str | None = None,
         config: dict | None = None,
         append: bool = False,
+        unit: str = "tokens",
     ) -> None:
-        self.enabled = enabled
+        self.enabled, self.unit = enabled, unit
         self.path = run_dir / "metrics.jsonl"
         # A fresh run starts a fresh file; a resumed run appends to its history.
         self._file = open(self.path, "a" if append else "w") if enabled else None  # noqa: SIM115
@@ -50,10 +51,12 @@ class MetricsLogger:
                 {k: v for k, v in record.items() if k != "step"}, step=record.get("step")
             )
 
-    def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
+    def progress(self, step: int, loss: float, items_per_s: float) -> None:
+        """Progress bar: step, loss and throughput (tokens or samples per second)."""
         if self._bar is not None:
             self._bar.n = step
-            self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            rate = {f"{self.unit[:3]}_s": f"{items_per_s:,.0f}"}
+            self._bar.set_postfix(loss=f"{loss:.4f}", **rate, refresh=False)
             self._bar.refresh()
 
     def write(self, msg: str) -> None:

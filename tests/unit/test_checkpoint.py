@@ -55,27 +55,31 @@ def test_resume_restores_model_and_optimizer(tmp_path: Path) -> None:
 
 
 def test_vocab_padding_dropped_on_save_and_repadded_on_load(tmp_path: Path) -> None:
+    """The family's adapter declares the padding (the checkpoint never inspects the model)."""
     from torch import nn
+
+    from checkpoint.adapter import CheckpointAdapter
 
     class Padded(nn.Module):
         def __init__(self, rows: int) -> None:
             super().__init__()
-            self.cfg = type("C", (), {"vocab_size": 10, "padded_vocab_size": rows})()
             self.output = nn.Linear(4, rows, bias=False)
+
+    adapter = CheckpointAdapter(padding={"output.weight": (0, 10)})
 
     m = Padded(12)
     with torch.no_grad():
         m.output.weight.copy_(torch.arange(48.0).reshape(12, 4))
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     mgr = Manager(args(tmp_path), tmp_path)
-    mgr.attach(m, opt)
+    mgr.attach(m, opt, adapter=adapter)
     mgr.save_async(1)
     meta = read_index(tmp_path / "step_00000001")["tensors"]["model/output.weight"]
     assert meta["logical_shape"] == [10, 4]
     assert meta["partitioning"]["padding"] == {"dim": 0, "padded_size": 12}
     m2 = Padded(16)  # e.g. a tensor-parallel degree that pads further
     mgr2 = Manager(args(tmp_path, resume="latest"), tmp_path)
-    mgr2.maybe_resume(m2, torch.optim.SGD(m2.parameters(), lr=0.1))
+    mgr2.maybe_resume(m2, torch.optim.SGD(m2.parameters(), lr=0.1), adapter=adapter)
     assert torch.equal(m2.output.weight[:10], m.output.weight[:10])
     assert torch.equal(m2.output.weight[10:], torch.zeros(6, 4))
 

@@ -226,13 +226,13 @@ def test_dali_device_field_errors_name_the_field_and_fix() -> None:
 
 
 def test_recsys_rejects_dali_gpu_device() -> None:
-    from parallelism.dims import LayoutError
+    from models.errors import ConfigError
     from train.cli import load_config
-    from train.recsys import validate_recsys
+    from train.trainer import plan_run
 
     job, _ = load_config(["experiment=dlrm_synthetic", "data.dali_device=gpu"])
-    with pytest.raises(LayoutError, match=r"data.dali_device=gpu: the recommender path runs"):
-        validate_recsys(job, types.SimpleNamespace(world_size=1))
+    with pytest.raises(ConfigError, match=r"data.dali_device=gpu is not supported .*runs on CPU"):
+        plan_run(job)
 
 
 def test_pypi_apex_is_not_taken_for_nvidia_apex(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -146,22 +146,21 @@ def test_balance_loss_uniform_is_one():
 
 
 def test_bad_moe_config_fails_before_any_process_group():
-    from parallelism.dims import LayoutError, ParallelDims
-    from train.config import JobConfig
-    from train.moe_spec import validate_gpt_moe
+    from models.errors import ConfigError, LayoutError
+    from parallelism.dims import ParallelDims
+    from train.cli import load_config
+    from train.families.gpt_moe import GPTMoEFamily
 
-    job = JobConfig()
-    job.model.name, job.model.n_experts = "gpt_moe", 6
+    def validate(overrides: list[str], dims: ParallelDims) -> None:
+        job, _ = load_config(["model=gpt_moe", *overrides])
+        GPTMoEFamily(job, dims, 0).validate()
+
     with pytest.raises(LayoutError, match=r"model.n_experts=6 is not divisible by parallel.ep=4"):
-        validate_gpt_moe(job, ParallelDims(4, dp_shard=4, ep=4))
-    job.model.n_experts, job.model.top_k = 8, 3
-    with pytest.raises(LayoutError, match=r"model.top_k=3"):
-        validate_gpt_moe(job, ParallelDims(1))
-    job.model.top_k = 2
-    validate_gpt_moe(job, ParallelDims(8, dp_shard=2, tp=2, pp=2, ep=2))  # composes
-    job.model.moe_ffn_hidden = 33
+        validate(["model.n_experts=6"], ParallelDims(4, dp_shard=4, ep=4))
+    with pytest.raises(ConfigError, match=r"model.top_k=3"):
+        validate(["model.top_k=3"], ParallelDims(1))
+    validate([], ParallelDims(8, dp_shard=2, tp=2, pp=2, ep=2))  # composes
     with pytest.raises(LayoutError, match=r"model.moe_ffn_hidden=33 .* parallel.tp=2"):
-        validate_gpt_moe(job, ParallelDims(4, dp_shard=2, tp=2, ep=2))
-    job.model.moe_ffn_hidden, job.parallel.sequence_parallel_norms = 0, True
+        validate(["model.moe_ffn_hidden=33"], ParallelDims(4, dp_shard=2, tp=2, ep=2))
     with pytest.raises(LayoutError, match=r"parallel.sequence_parallel_norms=true"):
-        validate_gpt_moe(job, ParallelDims(2, tp=2))
+        validate(["parallel.sequence_parallel_norms=true"], ParallelDims(2, tp=2))

@@ -100,12 +100,13 @@ def test_ari() -> None:
 @pytest.mark.slow
 def test_partitioner_recovers_planted_groups() -> None:
     """Must-show 3: from a 200-step flat-DLRM warm-up, ARI >= 0.9 and max/mean cost <= 1.1."""
+    from parallelism.dims import ParallelDims
     from train.cli import load_config
-    from train.recsys import build_rec_data, warmup_plan
+    from train.families.dmt import DMTFamily, warmup_plan
 
     torch.set_num_threads(1)
     job, _ = load_config(["experiment=dmt_synthetic"])
-    data = build_rec_data(job)
+    data = DMTFamily(job, ParallelDims(1), 0).click_data()
     plan = warmup_plan(job, data, job.model.partition_warmup_steps)
     tower_of = {f: t for t, fs in enumerate(plan.towers) for f in fs}
     planted = [int(data.group_of[i]) for i in range(data.num_sparse)]
@@ -129,7 +130,7 @@ def test_plan_from_affinity_on_block_matrix() -> None:
 
 
 def test_recsys_config_errors_name_the_field() -> None:
-    from parallelism.dims import LayoutError
+    from models.errors import ConfigError, LayoutError
     from train.cli import load_config
     from train.trainer import plan_run
 
@@ -137,13 +138,18 @@ def test_recsys_config_errors_name_the_field() -> None:
     with pytest.raises(LayoutError, match=r"model.tower_plan"):
         plan_run(job)
     job, _ = load_config(["experiment=dlrm_synthetic", "data=stdlib"])
-    with pytest.raises(LayoutError, match=r"data.name"):
+    with pytest.raises(ConfigError, match=r"data.name"):
         plan_run(job)
     job, _ = load_config(["experiment=dmt_synthetic", "model.num_towers=17"])
     with pytest.raises(LayoutError, match=r"model.num_towers"):
         plan_run(job)
-    job, _ = load_config(["experiment=dlrm_synthetic", "optim.grad_clip=1.0"])
-    with pytest.raises(LayoutError, match=r"optim.grad_clip"):
+    job, _ = load_config(["experiment=dlrm_synthetic", "train.compile=true"])
+    with pytest.raises(
+        ConfigError, match=r"train.compile=True is not supported for model.name=dlrm"
+    ):
+        plan_run(job)
+    job, _ = load_config(["experiment=dmt_synthetic", "parallel.backend=nccl"])
+    with pytest.raises(LayoutError, match=r"parallel.backend=nccl"):
         plan_run(job)
 
 

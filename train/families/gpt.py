@@ -1,0 +1,264 @@
+"""The ``gpt`` family: a Llama-style decoder on token data (``models/gpt.py``).
+
+Owns the family's typed ``model.*`` args, the checks that need the model and the layout
+together, the token loaders, one step's forward/backward (plain, or through the pipeline
+schedule that ``parallelism.pipeline.build_schedule`` builds), the next-token loss and
+validation. ``gpt_moe`` (``train/families/gpt_moe.py``) extends it.
+
+Loss scaling: each micro-batch contributes ``mean_token_loss / n_micro``; data-parallel
+gradient reduction averages over ranks; so the update equals the single-process update on the
+same global batch (all micro-batches have the same token count), whatever the layout.
+Sequence parallelism (Ulysses): every rank feeds its contiguous slice of each sequence at its
+global positions; ``self.seq_slice`` is that slice, computed once here for every path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from checkpoint.adapter import CheckpointAdapter
+from models.errors import ConfigError, LayoutError
+from models.gpt import GPT, GPTConfig
+from parallelism.init import canonical_name, materialize_and_init_
+from parallelism.parallelize_gpt import finalize_data_parallel, parallelize_gpt
+from parallelism.pipeline import PipelineSchedule, build_schedule, validate_pipeline
+from parallelism.tensor_parallel import tp_loss_context, validate_tensor_parallel
+from parallelism.ulysses import sequence_slice, validate_ulysses
+from parallelism.utils import all_reduce_mean
+from train.config import ModelArgs
+from train.data import TokenShards, resolve_data_dir
+from train.families.base import Family
+from train.loaders import build_token_loader
+
+TOKEN_DATA = ("stdlib", "shards")
+
+
+@dataclass
+class GPTArgs(ModelArgs):
+    """A Llama-style decoder (``model=gpt_tiny``, ``model=gpt_small``)."""
+
+    name: str = "gpt"
+    vocab_size: int = 256
+    """Vocabulary size (256 for the byte-level corpus)."""
+    dim: int = 128
+    """Hidden size."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Query heads."""
+    n_kv_heads: int = 0
+    """Key/value heads for grouped-query attention; 0 means n_heads (multi-head attention)."""
+    ffn_hidden: int = 0
+    """SwiGLU hidden size; 0 means 8/3 x dim rounded up to ``multiple_of``."""
+    multiple_of: int = 32
+    """Rounding of the derived SwiGLU hidden size."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    rope_theta: float = 10000.0
+    """Rotary embedding base."""
+    max_seq_len: int = 2048
+    """Longest sequence the rotary table covers."""
+    tie_embeddings: bool = False
+    """Share the token embedding and the output projection."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation of linear and embedding weights."""
+
+
+def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32; vocabulary padding never enters the softmax."""
+    if isinstance(logits_BSV, DTensor):  # vocab-parallel logits (tensor parallelism)
+        from parallelism.tensor_parallel import vocab_parallel_cross_entropy
+
+        return vocab_parallel_cross_entropy(logits_BSV, targets_BS, vocab_size)
+    logits = logits_BSV[..., :vocab_size]
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets_BS.flatten())
+
+
+# Fields of click data (``data=synthetic_clicks``) that a token model cannot use.
+CLICK_DATA_FIELDS = {
+    f"data.{f}": "click-data field; token models read data.name=stdlib|shards"
+    for f in ("num_sparse", "num_dense", "num_groups", "cardinality")
+}
+
+
+class GPTFamily(Family):
+    """Dense Llama-style GPT on token shards."""
+
+    name: ClassVar[str] = "gpt"
+    args: ClassVar[type[ModelArgs]] = GPTArgs
+    refuses: ClassVar[dict[str, str]] = {
+        **CLICK_DATA_FIELDS,
+        "parallel.ep": "expert parallelism needs MoE layers: use model=gpt_moe",
+    }
+    config_cls: ClassVar[type[GPTConfig]] = GPTConfig
+    model_cls: ClassVar[type[nn.Module]] = GPT
+
+    def __init__(self, job: Any, dims: Any, rank: int) -> None:
+        super().__init__(job, dims, rank)
+        self.seq_slice = sequence_slice(job.train.seq_len, dims.coordinate(rank)["sp"], dims.sp)
+        self.pipeline: PipelineSchedule | None = None
+
+    # -- before launch ------------------------------------------------------------------------
+    def model_config(self) -> GPTConfig:
+        """The built model's config: every derived size (kv heads, FFN hidden) comes from it,
+        and a ``model.*`` combination that cannot build fails here, naming the field."""
+        m = self.job.model
+        fields = self.config_cls.__dataclass_fields__
+        return self.config_cls(**{k: getattr(m, k) for k in fields if hasattr(m, k)})
+
+    def validate(self) -> None:
+        job, dims = self.job, self.dims
+        if job.data.name not in TOKEN_DATA:
+            raise ConfigError(
+                f"data.name={job.data.name!r} cannot feed model.name={self.name}: use data=stdlib "
+                "or data=shards"
+            )
+        cfg = self.model_config()  # dim % n_heads, n_heads % n_kv_heads
+        if job.train.seq_len > cfg.max_seq_len:
+            raise LayoutError(
+                f"train.seq_len={job.train.seq_len} exceeds model.max_seq_len={cfg.max_seq_len}: "
+                "lower train.seq_len or raise model.max_seq_len"
+            )
+        validate_ulysses(cfg.n_heads, cfg.n_kv_heads, dims.tp, dims.sp, job.train.seq_len)
+        validate_tensor_parallel(cfg, dims.tp, job.train.seq_len, job.parallel)
+        validate_pipeline(job, dims)
+
+    def prepare(self) -> None:
+        self.data_dir = resolve_data_dir(self.job.data)
+
+    # -- build ----------------------------------------------------------------------------------
+    def build_model(self, device: torch.device, saved: Any = None) -> nn.Module:
+        """Meta-device build -> parallelize -> materialise + seeded init -> post-init wrappers."""
+        self.device = device
+        job = self.job
+        with torch.device("meta"):
+            model = self.model_cls(self.model_config())
+        model = parallelize_gpt(model, self.dims, job)
+        materialize_and_init_(model, job.train.seed, device)
+        model = finalize_data_parallel(model, self.dims)
+        if self.dims.pp > 1:
+            vocab = job.model.vocab_size
+            self.pipeline = build_schedule(
+                model,
+                self.dims,
+                job,
+                lambda out, y: self.loss(out, y, vocab),
+                device,
+                self.seq_slice.start,
+            )
+        return model
+
+    def build_loaders(self) -> tuple[Any, Any]:
+        t, d, job = self.job.train, self.dims, self.job
+        data_dir = self.data_dir
+        coord = d.coordinate(self.rank)
+        dp_rank = coord["dp_replicate"] * d.dp_shard + coord["dp_shard"]
+
+        def make(split: str, shuffle: bool) -> Any:
+            shards = TokenShards.open(data_dir, split)
+            return build_token_loader(
+                job.data,
+                shards,
+                t.seq_len,
+                t.global_batch_size,
+                t.micro_batch_size,
+                dp_rank,
+                d.dp,
+                t.seed,
+                shuffle,
+            )
+
+        return make("train", True), make("val", False)
+
+    def checkpoint_adapter(self, model: nn.Module) -> CheckpointAdapter:
+        vocab = self.job.model.vocab_size
+        pad = {n: (0, vocab) for n in ("tok_embeddings.weight", "output.weight")}
+        return CheckpointAdapter(logical_name=canonical_name, padding=pad)
+
+    # -- one step -------------------------------------------------------------------------------
+    def loss(self, out: torch.Tensor, y: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        return lm_loss(out, y, vocab_size)
+
+    def _local(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
+        """This rank's part of a micro-batch (its sequence slice) and those tokens' positions."""
+        sl, dev = self.seq_slice, self.device
+        x = x[:, sl].to(dev, non_blocking=True)
+        y = y[:, sl].to(dev, non_blocking=True)
+        return x, y, torch.arange(sl.start, sl.stop, device=dev)
+
+    def _context(self) -> Any:
+        from contextlib import ExitStack
+
+        stack = ExitStack()
+        stack.enter_context(self.autocast())
+        stack.enter_context(tp_loss_context(self.dims.tp))  # vocab-parallel loss: fwd and bwd
+        return stack
+
+    def forward_backward(self, model: nn.Module, micro_batches: list) -> torch.Tensor:
+        if self.pipeline is not None:
+            with self._context():
+                return self._run_pipeline(micro_batches, train=True)
+        total = torch.zeros((), device=self.device)
+        n, vocab = len(micro_batches), self.job.model.vocab_size
+        for x, y in micro_batches:
+            x, y, pos = self._local(x, y)
+            with self._context():
+                loss = self.loss(model(x, positions=pos), y, vocab) / n
+            loss.backward()
+            total += loss.detach()
+        return total
+
+    def _run_pipeline(self, micro_batches: list, train: bool) -> torch.Tensor:
+        """One step of the pipeline schedule over this rank's micro-batches; the mean loss
+        (only the last stage has one: summed over the pp group, identical on all pp ranks)."""
+        import torch.distributed as dist
+
+        pipe, sl = self.pipeline, self.seq_slice
+        x = torch.cat([b[0][:, sl] for b in micro_batches]).to(self.device)
+        y = torch.cat([b[1][:, sl] for b in micro_batches]).to(self.device)
+        losses: list[torch.Tensor] = []
+        run = pipe.schedule.step if train else pipe.schedule.eval
+        run(*((x,) if pipe.has_first else ()), target=y if pipe.has_last else None, losses=losses)
+        total = torch.zeros((), device=self.device)
+        for loss in losses:
+            total += loss.detach().float()
+        dist.all_reduce(total, group=pipe.pp_group)
+        return total
+
+    @property
+    def pipeline_group(self) -> Any:
+        return self.pipeline.pp_group if self.pipeline is not None else None
+
+    def loss_group(self) -> Any:
+        return self.dims.submesh("dp_sp").get_group() if self.dims.world_size > 1 else None
+
+    def global_loss(self, local: torch.Tensor) -> float:
+        return all_reduce_mean(local.item(), self.loss_group())
+
+    def items_per_step(self) -> int:
+        return self.job.train.global_batch_size * self.job.train.seq_len
+
+    # -- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, val_loader: Any) -> dict:
+        """Mean next-token loss over ``train.eval_batches`` global batches of the val split."""
+        model.eval()
+        val_loader.load_state_dict({"consumed_samples": 0})
+        losses, vocab = [], self.job.model.vocab_size
+        for _ in range(self.job.train.eval_batches):
+            batch = val_loader.next_batch()
+            with self._context():
+                if self.pipeline is not None:
+                    losses.append(self._run_pipeline(batch, train=False).item())
+                    continue
+                for x, y in batch:
+                    x, y, pos = self._local(x, y)
+                    losses.append(self.loss(model(x, positions=pos), y, vocab).item())
+        model.train()
+        return {"val_loss": all_reduce_mean(sum(losses) / len(losses), self.loss_group())}
