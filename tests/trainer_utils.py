@@ -28,30 +28,38 @@ TINY = [
 ]
 
 
-def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Unsharded parameters by canonical name (collective for DTensors: call on every rank)."""
+def full_state(model: torch.nn.Module, rename=canonical_name) -> dict[str, torch.Tensor]:
+    """Unsharded parameters by their plain-model name (``rename``: the family's checkpoint
+    adapter's ``logical_name``). Collective for DTensors: call on every rank."""
     out = {}
     for name, p in model.named_parameters():
         t = p.detach()
-        out[canonical_name(name)] = (t.full_tensor() if isinstance(t, DTensor) else t).clone()
+        out[rename(name)] = (t.full_tensor() if isinstance(t, DTensor) else t).clone()
     return out
 
 
-def run_trainer(overrides: list[str]) -> dict:
-    """Train with TINY + ``overrides``; returns {"losses": [...], "weights": {...}, "val_loss"}."""
+def run_trainer(overrides: list[str], base: list[str] | None = None) -> dict:
+    """Train with ``base`` (default TINY) + ``overrides``; returns {"losses": [...],
+    "weights": {...}, "val_loss", "final": the last record with the final validation}."""
     from train.cli import load_config
     from train.metrics import read_metrics
     from train.trainer import Trainer, plan_run
 
-    job, cfg = load_config(TINY + overrides)
+    job, cfg = load_config((TINY if base is None else base) + overrides)
     trainer = Trainer(job, cfg, plan_run(job))
     try:
         last = trainer.fit()
-        weights = full_state(trainer.model)
+        adapter = trainer.family.checkpoint_adapter(trainer.model)
+        weights = full_state(trainer.model, adapter.logical_name)
         losses = []
         if trainer.is_rank0:
             losses = [r["loss"] for r in read_metrics(trainer.metrics.path) if "loss" in r]
-        return {"losses": losses, "weights": weights, "val_loss": last["val_loss"]}
+        return {
+            "losses": losses,
+            "weights": weights,
+            "val_loss": last.get("val_loss"),
+            "final": last,
+        }
     finally:
         trainer.metrics.close()
         # Free the model, optimizer and DDP/FSDP state now, while the process group and the

@@ -14,10 +14,10 @@ family's extra state (e.g. DMT's tower plan), saved lazily and resumed on any la
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
+import types
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -35,6 +35,7 @@ from parallelism.dims import ParallelDims, dims_from_config
 from train.config import JobConfig
 from train.families import get_family
 from train.families.base import Family
+from train.fields import refuse_ignored
 from train.kernels import apply_fused_rmsnorm, build_apex_fused_adam, describe_kernels
 from train.metrics import MetricsLogger, plot_loss
 from train.optional import check_optional_packages
@@ -66,6 +67,8 @@ def _check_loop_fields(job: JobConfig, dims: ParallelDims) -> None:
         )
     if t.dtype not in ("fp32", "bf16"):
         raise LayoutError(f"train.dtype={t.dtype!r} must be 'fp32' or 'bf16'")
+    if job.optim.name != "adamw":
+        raise ConfigError(f"optim.name={job.optim.name!r}: only adamw is implemented")
     if job.parallel.backend not in ("auto", "gloo", "nccl"):
         raise LayoutError(f"parallel.backend={job.parallel.backend!r}: use auto, gloo or nccl")
 
@@ -111,6 +114,7 @@ def plan_run(job: JobConfig) -> RunPlan:
     _check_loop_fields(job, dims)
     family_cls = get_family(job.model)
     refuse_unsupported(job, family_cls)
+    refuse_ignored(job, dims, JobConfig())
     rank = int(os.environ.get("RANK", "0"))
     family = family_cls(job, dims, rank)
     family.validate()
@@ -168,7 +172,9 @@ def build_run_optimizer(model: nn.Module, job: JobConfig, family: Family) -> Any
         return build_optimizer(model, job.optim)
     from offload import build_offload_optimizer
 
-    optim = job.optim if family.offload_clips else dataclasses.replace(job.optim, grad_clip=0.0)
+    optim = job.optim
+    if not family.offload_clips:  # the trainer clips first (train_step): no second clip
+        optim = types.SimpleNamespace(**{**vars(job.optim), "grad_clip": 0.0})
     return build_offload_optimizer(model, optim, job.offload)
 
 
@@ -287,7 +293,8 @@ class Trainer:
 
     def _header(self) -> None:
         self.metrics.write(
-            f"model: {self.family.describe(self.model)} | layout: {self.family.layout()} | "
+            f"run {self.job.run.name} ({self.run_dir}) | model: "
+            f"{self.family.describe(self.model)} | layout: {self.family.layout()} | "
             f"micro-batches/step: {self.plan.n_micro}"
         )
         self.metrics.write(describe_kernels(self.job, self.fused_norms))

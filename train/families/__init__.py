@@ -24,14 +24,19 @@ def model_schemas() -> dict[str, type]:
     return {name: f.args for name, f in FAMILIES.items()}
 
 
+def _is_schema(model_args: object, schema: type) -> bool:
+    """A family's schema is its set of fields (MoEArgs extends GPTArgs: no isinstance)."""
+    return type(model_args).__dataclass_fields__.keys() == schema.__dataclass_fields__.keys()
+
+
 def get_family(model_args: object) -> type[Family]:
     """The family of a typed ``model`` config; its args must be that family's schema."""
     name = getattr(model_args, "name", "")
     if name not in FAMILIES:
         raise ConfigError(f"model.name={name!r} is unknown: choose one of {sorted(FAMILIES)}")
     family = FAMILIES[name]
-    if type(model_args) is not family.args:
-        have = next((n for n, f in FAMILIES.items() if type(model_args) is f.args), "?")
+    if not _is_schema(model_args, family.args):
+        have = next((n for n, f in FAMILIES.items() if _is_schema(model_args, f.args)), "?")
         raise ConfigError(
             f"model.name={name} with the {have} model schema: choose the family with the config "
             f"group (model={name} or a configs/model/ file of that family), not by setting "

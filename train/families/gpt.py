@@ -80,20 +80,12 @@ def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor, vocab_size: int)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets_BS.flatten())
 
 
-# Fields of click data (``data=synthetic_clicks``) that a token model cannot use.
-CLICK_DATA_FIELDS = {
-    f"data.{f}": "click-data field; token models read data.name=stdlib|shards"
-    for f in ("num_sparse", "num_dense", "num_groups", "cardinality")
-}
-
-
 class GPTFamily(Family):
     """Dense Llama-style GPT on token shards."""
 
     name: ClassVar[str] = "gpt"
     args: ClassVar[type[ModelArgs]] = GPTArgs
     refuses: ClassVar[dict[str, str]] = {
-        **CLICK_DATA_FIELDS,
         "parallel.ep": "expert parallelism needs MoE layers: use model=gpt_moe",
     }
     config_cls: ClassVar[type[GPTConfig]] = GPTConfig

@@ -19,7 +19,7 @@ from models.errors import LayoutError
 from models.moe import GPTMoE, GroupedExperts, MoE, MoEConfig
 from parallelism.init import canonical_name
 from train.config import ModelArgs
-from train.families.gpt import CLICK_DATA_FIELDS, GPTArgs, GPTFamily, lm_loss
+from train.families.gpt import GPTArgs, GPTFamily, lm_loss
 
 
 @dataclass
@@ -47,7 +47,7 @@ class GPTMoEFamily(GPTFamily):
 
     name: ClassVar[str] = "gpt_moe"
     args: ClassVar[type[ModelArgs]] = MoEArgs
-    refuses: ClassVar[dict[str, str]] = dict(CLICK_DATA_FIELDS)
+    refuses: ClassVar[dict[str, str]] = {}
     config_cls: ClassVar[type] = MoEConfig
     model_cls: ClassVar[type[nn.Module]] = GPTMoE
 

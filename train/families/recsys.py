@@ -68,7 +68,6 @@ class RecsysFamily(Family):
         "train.seq_len": _TOKEN_ONLY,
         "train.activation_checkpoint": "no transformer blocks to recompute",
         "train.compile": "torch.compile of TorchRec's sharded lookup is not supported",
-        "data.max_bytes": "stdlib-corpus field",
         "data.dali_device": "the recommender path runs on CPU/gloo; set data.dali_device=cpu",
         **{f"parallel.{k}": _LAYOUT for k in ("tp", "pp", "sp", "ep", "dp_replicate")},
         **{
