@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: train test lint format install clean ds-ops
+.PHONY: train test lint format install clean ds-ops golden
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -49,6 +49,11 @@ lint: $(STAMP)
 
 test: $(STAMP) $(TORCHREC) $(DSOPS) lint
 	$(BIN)/python -m pytest $(ARGS)
+
+# Rewrite the golden loss files (tests/golden/) from this tree; only for an intended math change,
+# never to make a refactor pass (docs/testing.md): make golden ARGS='--why "..." [case ...]'
+golden: $(STAMP) $(TORCHREC)
+	$(BIN)/python -m tests.golden.regenerate $(ARGS)
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
