@@ -353,9 +353,41 @@ class Manager:
             raise CheckpointError("Manager.save_async before maybe_resume/attach")
         self.wait()  # at most one checkpoint in flight
         chunks = self._chunks()
-        plan = self._plan_writers(chunks)
         step_dir = self.root / step_dir_name(step)
         shard_rel = f"shards/rank_{self.rank:05d}.bin"
+        items, metas, nbytes = self._layout_shard(chunks, self._plan_writers(chunks), shard_rel)
+        # Small host state is captured now (it changes in the next step).
+        rank_state = {"rank": self.rank, "rng": _rng_state()}
+        if self.rng is not None:
+            rank_state["generator"] = encode_tensor(self.rng.get_state())
+        train_state = self._train_state(step) if self.rank == 0 else None
+        ctx = {
+            "step_dir": step_dir,
+            "shard_rel": shard_rel,
+            "metas": metas,
+            "rank_state": rank_state,
+            "train_state": train_state,
+        }
+        job = SaveJob(
+            step,
+            step_dir / shard_rel,
+            items,
+            nbytes,
+            commit_fn=lambda j: self._commit(j, ctx),
+            prepare_fn=lambda j: self._prepare(j, ctx),
+        )
+        self.job = job
+        self.last_saved = step
+        mode = self.args.mode
+        self.engine.start(job, lazy=mode == "lazy_async")
+        if mode == "sync":
+            self.wait()
+
+    def _layout_shard(
+        self, chunks: list[LocalChunk], plan: dict[tuple, int], shard_rel: str
+    ) -> tuple[list[WriteItem], list[TensorMeta], int]:
+        """The chunks this rank writes, at aligned offsets of its shard file: (write items,
+        their index entries, the file's size)."""
         items, metas, pos = [], [], 0
         for c in chunks:
             key = (c.name, tuple(c.offset), tuple(c.shape))
@@ -368,46 +400,24 @@ class Manager:
             c.meta.chunks = [Chunk(shard_rel, pos, nbytes, c.offset, c.shape)]
             metas.append(c.meta)
             pos += nbytes
-        # Small host state is captured now (it changes in the next step).
-        rank_state = {"rank": self.rank, "rng": _rng_state()}
-        if self.rng is not None:
-            rank_state["generator"] = encode_tensor(self.rng.get_state())
-        train_state = None
-        if self.rank == 0:
-            groups = [
-                {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
-            ]
-            train_state = {
-                "step": step,
-                "scheduler": _jsonable(self.scheduler.state_dict()) if self.scheduler else None,
-                "data": _jsonable(self.loader.state_dict()) if self.loader else None,
-                "extra": _jsonable(self.extra.state_dict()) if self.extra is not None else None,
-                "param_groups": _jsonable(groups),
-                "world_size": self.world,
-                "layout": self.layout,
-                "config": self.config,
-            }
-        ctx = {
-            "step_dir": step_dir,
-            "shard_rel": shard_rel,
-            "metas": metas,
-            "rank_state": rank_state,
-            "train_state": train_state,
+        return items, metas, align(pos)
+
+    def _train_state(self, step: int) -> dict:
+        """Rank 0's small state: step, scheduler, data position, the family's extra state,
+        optimizer hyper-parameters, world size, layout and config."""
+        groups = [
+            {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
+        ]
+        return {
+            "step": step,
+            "scheduler": _jsonable(self.scheduler.state_dict()) if self.scheduler else None,
+            "data": _jsonable(self.loader.state_dict()) if self.loader else None,
+            "extra": _jsonable(self.extra.state_dict()) if self.extra is not None else None,
+            "param_groups": _jsonable(groups),
+            "world_size": self.world,
+            "layout": self.layout,
+            "config": self.config,
         }
-        job = SaveJob(
-            step,
-            step_dir / shard_rel,
-            items,
-            align(pos),
-            commit_fn=lambda j: self._commit(j, ctx),
-            prepare_fn=lambda j: self._prepare(j, ctx),
-        )
-        self.job = job
-        self.last_saved = step
-        mode = self.args.mode
-        self.engine.start(job, lazy=mode == "lazy_async")
-        if mode == "sync":
-            self.wait()
 
     def _prepare(self, job: SaveJob, ctx: dict) -> None:
         """Writer thread, before the first byte: rank 0 clears a stale dir of the same step."""

@@ -224,6 +224,9 @@ def table_wise_lookup(
 
     Returns:
         feature -> [bsz, D] pooled embedding, differentiable w.r.t. the owners' tables.
+
+    Over 60 lines on purpose: the three collectives share the split sizes computed between
+    them (lengths -> value counts -> embedding counts); apart, each would recompute them.
     """
     n = len(owned)
     # ids to owners: lengths first (sizes known), then values (sizes from the lengths)
@@ -457,7 +460,10 @@ class ShardedDMT(_ShardedBase):
         self.dense_arch, self.over_arch = model.dense_arch, model.over_arch
 
     def forward(self, dense_BDn: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        """This rank's samples: dense [B, Dn], KJT (batch B) -> logits [B]."""
+        """This rank's samples: dense [B, Dn], KJT (batch B) -> logits [B].
+
+        Over 60 lines on purpose: the five SPTT steps of the module docstring, in order, each
+        feeding the next its split sizes; the numbered comments mark them."""
         g, H, h, D = self.groups, self.topo.hosts, self.host, self.dim
         lengths, values, b = _split_kjt(sparse)
         mine = self.host_feats[h]
