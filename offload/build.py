@@ -17,7 +17,7 @@ from torch import nn
 from offload.calibrate import calibrate, choose_list_kernel
 from offload.optimizer import InterleavedOptimizer
 from offload.plan import OffloadPlan, OffloadSettings, as_param_groups, params_device, plan_offload
-from offload.tiers import OffloadConfigError, check_nvme_folder
+from offload.tiers import OffloadConfigError, check_nvme_folder, padded
 
 KINDS = ("none", "cpu", "nvme", "interleaved")
 GradNorm = Callable[[list[torch.Tensor]], torch.Tensor]
@@ -54,7 +54,8 @@ def plan_for(
         calibration = calibrate(
             params_device(groups),
             settings.nvme_path or None,
-            numel=min(settings.subgroup_size, 1 << 22),
+            # whole O_DIRECT units: the NVMe figures move 12 * numel bytes at a time
+            numel=padded(min(settings.subgroup_size, 1 << 22)),
             cache=settings.calibration_cache,
         )
     plan = plan_offload(groups, settings, calibration)
