@@ -44,8 +44,8 @@ def main() -> None:
         sys.exit(2)
 
     from models.gpt import GPT, GPTConfig
+    from offload.build import interleaved_optimizer
     from offload.calibrate import calibrate
-    from offload.optimizer import InterleavedOptimizer
     from offload.perf_model import predict_update_time
 
     dev = torch.device("cuda")
@@ -62,7 +62,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = GPT(cfg).to(dev)
         n_params = sum(p.numel() for p in model.parameters())
-        opt = InterleavedOptimizer(
+        opt = interleaved_optimizer(
             model.parameters(),
             lr=1e-4,
             betas=(0.9, 0.95),

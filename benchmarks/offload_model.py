@@ -49,8 +49,8 @@ def main() -> None:
     ap.add_argument("--path", default="/var/tmp")
     args = ap.parse_args()
 
+    from offload.build import interleaved_optimizer
     from offload.calibrate import Calibration, calibrate
-    from offload.optimizer import InterleavedOptimizer
     from offload.perf_model import predict_update_time
 
     root = tempfile.mkdtemp(prefix="lattice-offload-model-", dir=args.path)
@@ -66,7 +66,7 @@ def main() -> None:
                 p = torch.nn.Parameter(torch.randn(args.subgroup, generator=gen) * 0.02)
                 p.grad = torch.randn(args.subgroup, generator=gen) * 1e-3
                 params.append(p)
-            opts[pl] = InterleavedOptimizer(
+            opts[pl] = interleaved_optimizer(
                 params,
                 lr=1e-3,
                 placement=pl,

@@ -108,13 +108,13 @@ def make_params(numel: int) -> list[torch.nn.Parameter]:
 
 
 def build_optimizers(params: list[torch.nn.Parameter], subgroup: int) -> dict[str, object]:
+    from offload.build import interleaved_optimizer
     from offload.calibrate import calibrate
     from offload.kernels import deepspeed_op_ready
-    from offload.optimizer import InterleavedOptimizer
 
     kw = {"lr": 1e-3, "betas": (0.9, 0.95), "weight_decay": 0.1}
     opts: dict[str, object] = {
-        "ours": InterleavedOptimizer(
+        "ours": interleaved_optimizer(
             params,
             **kw,
             placement="cpu",

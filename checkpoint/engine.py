@@ -16,17 +16,16 @@ torch offers pieces of this (DCP ``async_save`` stages with a blocking copy at c
 writes in a thread); what it lacks is the deferred copy that overlaps compute, the bounded
 reusable arena, and a commit with integrity hashes, so this part is written here.
 
-Test hooks (environment ``LATTICE_CKPT_TEST_HOOK``, comma-separated ``key=value``):
-``copy_delay_s`` sleeps per copied piece; ``pause_after_bytes`` + ``pause_marker`` make the
-writer touch the marker and sleep forever after that many bytes (a test then SIGKILLs us);
-``pause_at=<point>`` + ``pause_marker`` do the same at a named point of the commit
-(``pause_point``); ``enospc_after_bytes`` raises ``ENOSPC`` as a full disk would.
+Storage goes through a ``ShardWriter`` (``SnapshotEngine.writer``): ``FileWriter`` opens the
+shard file and ignores the two observation points (a piece copied to the host, a named point of
+the commit protocol). Tests inject faults by swapping the writer
+(``tests/ckpt_utils.FaultInjectingWriter``: slow copies, a pause mid-file or at a commit point to
+be SIGKILLed there, ``ENOSPC`` as from a full disk); the loops below contain none.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import queue
@@ -36,6 +35,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, Protocol
 
 import torch
 
@@ -52,22 +52,35 @@ def _background_priority(nice: int = 10) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
 
-def test_hooks() -> dict[str, str]:
-    raw = os.environ.get("LATTICE_CKPT_TEST_HOOK", "")
-    return dict(kv.split("=", 1) for kv in raw.split(",") if "=" in kv)
+class ShardWriter(Protocol):
+    """Where the engine's bytes go, and the points a test may act at."""
+
+    def open(self, path: Path) -> BinaryIO:
+        """The shard file, opened for writing (``write``, ``fileno``, a context manager)."""
+
+    def piece_copied(self, nbytes: int) -> None:
+        """Called by the copier after each piece reaches host memory."""
+
+    def point(self, name: str) -> None:
+        """Called at a named point of the commit protocol (``before_index``, ...)."""
 
 
-def pause_point(hooks: dict[str, str], point: str) -> None:
-    """Crash-test hook: at ``point`` (when ``pause_at`` names it) touch the marker and hang, so
-    the test can SIGKILL this process exactly there."""
-    if hooks.get("pause_at") == point:
-        _pause(hooks)
+class FileWriter:
+    """The production ``ShardWriter``: an unbuffered file; the observation points do nothing."""
+
+    def open(self, path: Path) -> BinaryIO:
+        return open(path, "wb", buffering=0)
+
+    def piece_copied(self, nbytes: int) -> None:
+        pass
+
+    def point(self, name: str) -> None:
+        pass
 
 
-def _pause(hooks: dict[str, str]) -> None:
-    Path(hooks["pause_marker"]).write_text(str(os.getpid()))
-    while True:
-        time.sleep(3600)
+def pause_point(writer: ShardWriter, point: str) -> None:
+    """Tell ``writer`` the commit reached ``point`` (a test's writer may stop there)."""
+    writer.point(point)
 
 
 # Largest piece copied, hashed and written at once. Measured on the 2-core CPU box (stall of the
@@ -150,11 +163,11 @@ class SaveJob:
 class SnapshotEngine:
     """Copies a rank's registered tensors to host and writes them in the background."""
 
-    def __init__(self, budget_bytes: int, pin: bool) -> None:
+    def __init__(self, budget_bytes: int, pin: bool, writer: ShardWriter | None = None) -> None:
         self.budget = int(budget_bytes)
         self.pin = pin
         self.ring: HostRing | None = None
-        self.hooks = test_hooks()
+        self.writer: ShardWriter = writer or FileWriter()
 
     def reserve(self, total: int) -> None:
         """Allocate and pre-fault the host ring for a state of ``total`` bytes in a background
@@ -201,7 +214,6 @@ class SnapshotEngine:
     def _copy(self, job: SaveJob, ring: HostRing, pieces: queue.Queue, piece_max: int) -> None:
         _background_priority()
         t0 = time.perf_counter()
-        delay = float(self.hooks.get("copy_delay_s", 0))
         try:
             for item in job.items:
                 src = item.tensor.detach().reshape(-1).view(torch.uint8)
@@ -212,8 +224,7 @@ class SnapshotEngine:
                     dst.copy_(src[a : a + n], non_blocking=src.is_cuda)
                     if src.is_cuda:
                         torch.cuda.current_stream(src.device).synchronize()
-                    if delay:
-                        time.sleep(delay)
+                    self.writer.piece_copied(n)
                     pieces.put((item.byte_offset + a, s, n))
         except BaseException as e:
             job.error = job.error or e
@@ -224,39 +235,12 @@ class SnapshotEngine:
 
     def _write(self, job: SaveJob, ring: HostRing, pieces: queue.Queue) -> None:
         _background_priority()
-        pause_after = int(self.hooks.get("pause_after_bytes", -1))
-        enospc_after = int(self.hooks.get("enospc_after_bytes", -1))
         try:
             job.prepare_fn(job)
             job.shard_path.parent.mkdir(parents=True, exist_ok=True)
             h = hashlib.sha256()
-            pos = 0
-            with open(job.shard_path, "wb", buffering=0) as f:
-                while (piece := pieces.get()) is not None:
-                    off, s, n = piece
-                    try:
-                        if job.error is not None:
-                            continue  # drain so the copier never blocks on a full ring
-                        if off > pos:  # alignment padding
-                            pad = bytes(off - pos)
-                            f.write(pad)
-                            h.update(pad)
-                            pos = off
-                        if 0 <= enospc_after < pos + n:
-                            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-                        mv = memoryview(ring.buf[s : s + n].numpy())
-                        f.write(mv)
-                        h.update(mv)
-                        pos += n
-                        if 0 <= pause_after <= pos:
-                            _pause(self.hooks)
-                    except OSError as e:
-                        job.error = job.error or CheckpointError(
-                            f"writing {job.shard_path} failed: {e} (disk full? free space or "
-                            f"point checkpoint.dir elsewhere); the previous checkpoint is kept"
-                        )
-                    finally:
-                        ring.free()
+            with self.writer.open(job.shard_path) as f:
+                pos = self._write_pieces(job, ring, pieces, f, h)
                 if job.error is None and job.file_bytes > pos:
                     pad = bytes(job.file_bytes - pos)
                     f.write(pad)
@@ -277,3 +261,31 @@ class SnapshotEngine:
         finally:
             job.durable_s = time.perf_counter() - job.t0
             job.done.set()
+
+    @staticmethod
+    def _write_pieces(job: SaveJob, ring: HostRing, pieces: queue.Queue, f, h) -> int:
+        """Append the copier's pieces at their offsets (zero padding between), hashing them;
+        returns the bytes written. After an error, pieces are only drained."""
+        pos = 0
+        while (piece := pieces.get()) is not None:
+            off, s, n = piece
+            try:
+                if job.error is not None:
+                    continue  # drain so the copier never blocks on a full ring
+                if off > pos:  # alignment padding
+                    pad = bytes(off - pos)
+                    f.write(pad)
+                    h.update(pad)
+                    pos = off
+                mv = memoryview(ring.buf[s : s + n].numpy())
+                f.write(mv)
+                h.update(mv)
+                pos += n
+            except OSError as e:
+                job.error = job.error or CheckpointError(
+                    f"writing {job.shard_path} failed: {e} (disk full? free space or "
+                    f"point checkpoint.dir elsewhere); the previous checkpoint is kept"
+                )
+            finally:
+                ring.free()
+        return pos

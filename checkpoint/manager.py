@@ -511,9 +511,9 @@ class Manager:
             "tensors": {n: tensors[n].to_json() for n in sorted(tensors)},
             "manifest": dict(sorted(manifest.items())),
         }
-        pause_point(self.engine.hooks, "before_index")
+        pause_point(self.engine.writer, "before_index")
         atomic_write(step_dir / INDEX, json_bytes(index))  # the commit point
-        pause_point(self.engine.hooks, "before_latest")
+        pause_point(self.engine.writer, "before_latest")
         atomic_write(self.root / LATEST, (step_dir.name + "\n").encode())
         self._retain(step_dir)
 

@@ -18,7 +18,10 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from torchrec.models.dlrm import DenseArch, OverArch, SparseArch
 from torchrec.models.dlrm import InteractionArch as _TorchRecInteractionArch
 
-from train.recsys_data import feature_names
+
+def feature_names(n: int) -> list[str]:
+    """Canonical sparse feature names ``f0 .. f{n-1}`` (the data loaders name theirs so)."""
+    return [f"f{i}" for i in range(n)]
 
 
 def table_configs(names: list[str], dim: int, num_embeddings: int) -> list[EmbeddingBagConfig]:

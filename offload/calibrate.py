@@ -34,7 +34,16 @@ from pathlib import Path
 import torch
 
 from offload.aio import AsyncFileIO, aligned_empty
-from offload.kernels import deepspeed_op_ready, make_kernel, rank_kernels
+from offload.kernels import (
+    AdamHyper,
+    deepspeed_op_ready,
+    make_kernel,
+    rank_kernels,
+    rank_list_kernels,
+    torch_fused,
+)
+from offload.optimizer import InterleavedOptimizer
+from offload.plan import OffloadPlan, OffloadSettings, aliased_subgroups, plan_offload
 
 DEFAULT_CACHE = "~/.cache/lattice/offload_calibration.json"
 CALIBRATION_VERSION = 2
@@ -117,7 +126,11 @@ def _copy_bw(src: torch.Tensor, dst: torch.Tensor, repeats: int = 5) -> float:
 
 
 def time_placement_step(
-    placement: str, numel: int, device: torch.device, repeats: int = 5, **kw
+    placement: str,
+    numel: int,
+    device: torch.device,
+    repeats: int = 5,
+    cpu_kernel: str = "torch_fused",
 ) -> float:
     """Median seconds per subgroup of ``numel`` params of ``InterleavedOptimizer.step``.
 
@@ -125,17 +138,14 @@ def time_placement_step(
     subgroups) exceeds the CPU caches, as a real model's does; timing one cache-resident
     subgroup overestimates the throughput. The norm is computed; clipping does not trigger.
     """
-    from offload.optimizer import InterleavedOptimizer
-
     k = max(1, min(16, -(-(256 << 20) // (28 * numel))))
     params = []
     for _ in range(k):
         p = torch.nn.Parameter(torch.randn(numel, device=device))
         p.grad = torch.randn(numel, device=device)
         params.append(p)
-    opt = InterleavedOptimizer(
-        params, lr=1e-3, placement=placement, subgroup_size=numel, max_grad_norm=0.0, **kw
-    )
+    settings = OffloadSettings(placement=placement, subgroup_size=numel, cpu_kernel=cpu_kernel)
+    opt = InterleavedOptimizer(plan_offload(params, settings), lr=1e-3)
     opt.step()
     times = []
     for _ in range(repeats):
@@ -148,6 +158,20 @@ def time_placement_step(
         times.append(time.perf_counter() - t0)
     opt.close()
     return _median(times) / k
+
+
+def choose_list_kernel(plan: OffloadPlan) -> str:
+    """The kernel for in-place updates of aliased subgroups under ``cpu_kernel=auto``: torch's
+    fused kernel timed against the plan's pick on scratch lists shaped like the largest aliased
+    subgroup (DeepSpeed pays a call per tensor, torch one per list, so many small tensors
+    favour torch)."""
+    aliased = aliased_subgroups(plan)
+    if not aliased or plan.cpu_kernel == "torch_fused":
+        return plan.cpu_kernel
+    sg = max(aliased, key=lambda s: s.numel)
+    kernels = {"torch_fused": torch_fused, plan.cpu_kernel: make_kernel(plan.cpu_kernel)}
+    speed = rank_list_kernels(kernels, [p.numel() for p in sg.params])
+    return "torch_fused" if speed["torch_fused"] > speed[plan.cpu_kernel] else plan.cpu_kernel
 
 
 class _Busy:
@@ -244,46 +268,56 @@ def measure(device: torch.device, nvme_path: str | None, numel: int = 1 << 22) -
     cal.cpu_s_per_param = time_placement_step("cpu", numel, device, cpu_kernel=kernel) / numel
     cal.cpu_s_per_param_io = cal.cpu_s_per_param
     if nvme_path:
-        folder = Path(nvme_path) / "calibration"
-        folder.mkdir(parents=True, exist_ok=True)
-        nbytes = 12 * numel
-        # The faster backend (by the slower of read and write) becomes the NVMe tier's.
-        best = None
-        for name in ("threads", "deepspeed"):
-            if name == "deepspeed" and not deepspeed_op_ready("async_io"):
-                continue
-            try:
-                trial = AsyncFileIO(folder, name)
-            except RuntimeError:
-                continue
-            if trial.backend != name:  # no O_DIRECT here: the buffered fallback
-                best = (_io_bw(trial, folder, nbytes), trial)
-                break
-            bw = _io_bw(trial, folder, nbytes)
-            if best is None or min(bw) > min(best[0]):
-                if best is not None:
-                    best[1].close()
-                best = (bw, trial)
-            else:
-                trial.close()
-        (cal.nvme_read_bps, cal.nvme_write_bps), io = best
-        cal.io_backend = io.backend
-        cal.nvme_duplex = _io_duplex(io, folder, nbytes)
-        k = make_kernel(kernel)
-        p, g, m, v = (torch.rand(numel) for _ in range(4))
-        from offload.kernels import AdamHyper
-
-        h = AdamHyper(1e-3, 0.9, 0.95, 1e-8, 0.0, 1)
-        with _Busy(lambda: k(p, g, m, v, h)):
-            cal.nvme_read_bps_cpu, cal.nvme_write_bps_cpu = _io_bw(io, folder, nbytes)
-        io2 = AsyncFileIO(folder, io.backend)
-        with _Busy(lambda: _io_bw(io2, folder, nbytes, repeats=1)):
-            cal.cpu_s_per_param_io = (
-                time_placement_step("cpu", numel, device, cpu_kernel=kernel) / numel
-            )
-        io.close()
-        io2.close()
+        _measure_nvme(cal, Path(nvme_path) / "calibration", device, kernel)
     return cal
+
+
+def _fastest_io(folder: Path, nbytes: int) -> tuple[tuple[float, float], AsyncFileIO]:
+    """((read, write) bytes/s, open file I/O) of the faster backend, by the slower of its
+    read and write (it becomes the NVMe tier's under ``io_backend=auto``)."""
+    best = None
+    for name in ("threads", "deepspeed"):
+        if name == "deepspeed" and not deepspeed_op_ready("async_io"):
+            continue
+        try:
+            trial = AsyncFileIO(folder, name)
+        except RuntimeError:
+            continue
+        if trial.backend != name:  # no O_DIRECT here: the buffered fallback
+            if best is not None:
+                best[1].close()
+            return _io_bw(trial, folder, nbytes), trial
+        bw = _io_bw(trial, folder, nbytes)
+        if best is None or min(bw) > min(best[0]):
+            if best is not None:
+                best[1].close()
+            best = (bw, trial)
+        else:
+            trial.close()
+    return best
+
+
+def _measure_nvme(cal: Calibration, folder: Path, device: torch.device, kernel: str) -> None:
+    """The NVMe figures of ``cal``: bandwidth of the faster backend, duplex factor, and the
+    disk and the CPU update each measured while the other is busy."""
+    folder.mkdir(parents=True, exist_ok=True)
+    numel = cal.numel
+    nbytes = 12 * numel
+    (cal.nvme_read_bps, cal.nvme_write_bps), io = _fastest_io(folder, nbytes)
+    cal.io_backend = io.backend
+    cal.nvme_duplex = _io_duplex(io, folder, nbytes)
+    k = make_kernel(kernel)
+    p, g, m, v = (torch.rand(numel) for _ in range(4))
+    h = AdamHyper(1e-3, 0.9, 0.95, 1e-8, 0.0, 1)
+    with _Busy(lambda: k(p, g, m, v, h)):
+        cal.nvme_read_bps_cpu, cal.nvme_write_bps_cpu = _io_bw(io, folder, nbytes)
+    io2 = AsyncFileIO(folder, io.backend)
+    with _Busy(lambda: _io_bw(io2, folder, nbytes, repeats=1)):
+        cal.cpu_s_per_param_io = (
+            time_placement_step("cpu", numel, device, cpu_kernel=kernel) / numel
+        )
+    io.close()
+    io2.close()
 
 
 def _cache_key(device: torch.device, nvme_path: str | None, numel: int) -> str:

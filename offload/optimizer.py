@@ -9,8 +9,9 @@ subgroup *i+1* is read and subgroup *i-1* is written (three aligned staging buff
 
 One step:
 
-1. The global gradient norm over every parameter (DTensor shards and pipeline stages included,
-   via ``parallelism.utils.clip_grad_norm_`` with clipping off) decides, before any subgroup
+1. The global gradient norm over every parameter (DTensor shards and pipeline stages included:
+   the ``grad_norm`` the builder injects, ``parallelism.utils.clip_grad_norm_`` with clipping
+   off for a parallel model; offload does not import parallelism) decides, before any subgroup
    changes: skip the whole step when it is not finite (nothing is updated, the step counter does
    not advance: the loss-scaler convention of DeepSpeed and Megatron), else the clip
    coefficient ``min(1, max_norm / (norm + 1e-6))`` applied to each subgroup's flat gradient.
@@ -29,100 +30,66 @@ offloads only its own shard.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from offload.aio import AsyncFileIO, Ticket, aligned_empty
-from offload.kernels import AdamHyper, apply_multi, make_kernel, rank_list_kernels, torch_fused
+from offload.kernels import AdamHyper, apply_multi, make_kernel, torch_fused
+from offload.plan import N_SLOTS, OffloadPlan
 from offload.tiers import (
-    PLACEMENTS,
     OffloadConfigError,
     Subgroup,
+    aliasable,
     allocate_state,
-    build_subgroups,
     check_nvme_folder,
     gather_flat,
     local_tensor,
     reserve_file,
     scatter_flat,
 )
-from parallelism.utils import clip_grad_norm_
-
-N_SLOTS = 3  # staging buffers: reading i+1, updating i, writing i-1
 
 
-def _expand_placement(placement: str | list[str], n: int) -> list[str]:
-    items = placement.split(",") if isinstance(placement, str) else list(placement)
-    items = [s.strip() for s in items if s.strip()]
-    bad = [s for s in items if s not in PLACEMENTS]
-    if not items or bad:
-        raise OffloadConfigError(
-            f"offload.placement={placement!r}: use one of {', '.join(PLACEMENTS)} or a "
-            "comma-separated list of them (cycled over subgroups), or 'auto'"
-        )
-    return [items[i % len(items)] for i in range(n)]
-
-
-def apply_host_budget(
-    subgroups: list[Subgroup], host_budget_bytes: int, reserve_bytes: int, nvme: bool
-) -> None:
-    """Move host-resident subgroups (``cpu``/``stage``) beyond the budget to ``nvme``.
-
-    Args:
-        host_budget_bytes: bytes of host memory the optimizer may use (0 = unlimited).
-        reserve_bytes: host bytes needed anyway (staging and gradient buffers).
-        nvme: whether an NVMe path is configured.
+def local_grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of plain (one-process) gradients as a 0-d fp32 host tensor: the default
+    ``grad_norm`` of ``InterleavedOptimizer``.
 
     Raises:
-        OffloadConfigError: the state does not fit and there is no NVMe path.
+        ValueError: a gradient is a DTensor (sharded model): the norm must then cover every
+            shard and stage, so pass a layout-aware ``grad_norm``.
     """
-    if host_budget_bytes <= 0:
-        return
-    used = reserve_bytes
-    for sg in subgroups:
-        if sg.placement not in ("cpu", "stage"):
-            continue
-        if used + sg.state_bytes <= host_budget_bytes:
-            used += sg.state_bytes
-            continue
-        if not nvme:
-            need = reserve_bytes + sum(
-                s.state_bytes for s in subgroups if s.placement in ("cpu", "stage")
-            )
-            raise OffloadConfigError(
-                f"offload.host_budget_mb={host_budget_bytes / 2**20:.0f} is smaller than the "
-                f"host-resident optimizer state ({need / 2**20:.1f} MiB): raise it, or set "
-                "offload.nvme_path so the rest spills to NVMe"
-            )
-        sg.placement = "nvme"
+    grads = [p.grad for p in params if p.grad is not None]
+    if any(hasattr(g, "to_local") for g in grads):
+        raise ValueError(
+            "InterleavedOptimizer: sharded (DTensor) gradients need a layout-aware grad_norm, "
+            "e.g. lambda ps: parallelism.utils.clip_grad_norm_(ps, 0.0, pp_group)"
+        )
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads).float().cpu()
 
 
 class InterleavedOptimizer(torch.optim.Optimizer):
     """AdamW whose state is split into subgroups placed on device / host / NVMe.
 
+    Executes an ``offload.plan.OffloadPlan`` (which subgroup lives and updates where, with
+    which kernels); ``offload.build.interleaved_optimizer`` takes the plan's settings as
+    keywords, measures when they say ``auto`` and builds both.
+
     Args:
-        params: parameters or param groups (``lr``, ``weight_decay``, ``betas``, ``eps``).
-        placement: ``auto`` (performance model), one of ``device``, ``stage``, ``cpu``,
-            ``nvme``, or a comma-separated list cycled over subgroups.
-        subgroup_size: target elements per subgroup.
-        nvme_path: folder of the NVMe tier (needed for ``nvme`` and for budget overflow).
-        host_budget_bytes: host memory for optimizer state and staging (0 = unlimited).
-        device_budget_bytes: device memory for resident state under ``auto`` (-1 = 40% of
-            free accelerator memory; 0 on a CPU-only machine).
+        plan: from ``offload.plan.plan_offload`` (or ``offload.build.plan_for``); it holds the
+            param groups, whose ``lr``, ``weight_decay``, ``betas``, ``eps`` override these.
         max_grad_norm: global gradient clipping (0 = off; the norm is still computed).
-        cpu_kernel: ``auto`` (the calibration's fastest), ``torch_fused``, ``torch_foreach``,
-            ``ds_cpu_adam``.
-        calibration: measured figures (``offload.calibrate.Calibration``); measured on demand
-            when ``placement`` or ``cpu_kernel`` is ``auto`` and none is given.
-        pp_group: pipeline group, so the norm covers every stage.
+        grad_norm: ``params -> 0-d tensor``, the global gradient norm (every shard and pipeline
+            stage); ``local_grad_norm`` (one process, plain tensors) when None.
 
     Example::
 
-        opt = InterleavedOptimizer(model.parameters(), lr=1e-3, placement="nvme",
-                                   nvme_path="/nvme/run0")
+        plan = plan_offload(model.parameters(), OffloadSettings(placement="nvme",
+                                                                nvme_path="/nvme/run0"))
+        opt = InterleavedOptimizer(plan, lr=1e-3)
         loss.backward(); opt.step(); opt.zero_grad()
     """
 
@@ -131,76 +98,37 @@ class InterleavedOptimizer(torch.optim.Optimizer):
 
     def __init__(
         self,
-        params: Iterable,
+        plan: OffloadPlan,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         *,
-        placement: str | list[str] = "cpu",
-        subgroup_size: int = 1 << 22,
-        nvme_path: str = "",
-        host_budget_bytes: int = 0,
-        device_budget_bytes: int = -1,
         max_grad_norm: float = 0.0,
-        cpu_kernel: str = "torch_fused",
-        calibration: object | None = None,
-        io_backend: str = "auto",
-        io_threads: int = 4,
-        pp_group: dist.ProcessGroup | None = None,
+        grad_norm: Callable[[list[torch.Tensor]], torch.Tensor] | None = None,
     ) -> None:
-        super().__init__(
-            params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
-        )
-        if subgroup_size < 1:
-            raise OffloadConfigError(f"offload.subgroup_size={subgroup_size} must be >= 1")
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        super().__init__(plan.param_groups, defaults)
+        self.plan = plan
+        self.subgroups = plan.subgroups
+        self.device = plan.device
+        self.calibration = plan.calibration
         self.max_grad_norm = max_grad_norm
-        self.pp_group = pp_group
+        self.grad_norm = grad_norm or local_grad_norm
         self.step_count = 0
         self.skipped_steps = 0
         self.last_grad_norm = torch.zeros(())
-        self.subgroups = build_subgroups(self.param_groups, subgroup_size)
-        first = next((local_tensor(sg.params[0]) for sg in self.subgroups), None)
-        self.device = first.device if first is not None else torch.device("cpu")
-        self.calibration = calibration
-        max_pad = max((sg.numel_padded for sg in self.subgroups), default=0)
-
-        if placement == "auto" or cpu_kernel == "auto":
-            self._ensure_calibration(nvme_path, subgroup_size)
-        self.cpu_kernel_name = (
-            self.calibration.best_cpu_kernel() if cpu_kernel == "auto" else cpu_kernel
+        self.cpu_kernel_name = plan.cpu_kernel
+        self.cpu_kernel = make_kernel(plan.cpu_kernel)
+        # Host-resident parameters are updated in place as lists of per-parameter views; the
+        # plan may pick another kernel there (the list's shape matters too).
+        self.cpu_list_kernel_name = plan.cpu_list_kernel
+        self.cpu_list_kernel = (
+            self.cpu_kernel
+            if plan.cpu_list_kernel == plan.cpu_kernel
+            else make_kernel(plan.cpu_list_kernel)
         )
-        self.cpu_kernel = make_kernel(self.cpu_kernel_name)
-        # Host-resident parameters are updated in place as lists of per-parameter views; which
-        # kernel is faster there depends on the list's shape too (chosen once the subgroups
-        # are built, in ``_choose_list_kernel``).
-        self.cpu_list_kernel = self.cpu_kernel
-        self.cpu_list_kernel_name = self.cpu_kernel_name
-        if placement == "auto":
-            from offload.perf_model import plan_placement
-
-            placements = plan_placement(
-                [sg.numel for sg in self.subgroups],
-                self.calibration,
-                self._device_budget(device_budget_bytes),
-                host_budget_bytes,
-                bool(nvme_path),
-                same_resource=self.device.type == "cpu",
-            )
-        else:
-            placements = _expand_placement(placement, len(self.subgroups))
-        for sg, pl in zip(self.subgroups, placements):
-            sg.placement = pl
-        slot_bytes = 4 * max_pad * 4  # state (3 rows) + gradient
-        apply_host_budget(self.subgroups, host_budget_bytes, N_SLOTS * slot_bytes, bool(nvme_path))
-        if io_backend == "auto" and getattr(self.calibration, "io_backend", "none") in (
-            "threads",
-            "deepspeed",
-        ):
-            io_backend = self.calibration.io_backend  # the faster one measured here
-        self._setup_storage(nvme_path, io_backend, io_threads, max_pad)
-        if cpu_kernel == "auto":
-            self._choose_list_kernel()
+        self._setup_storage(plan)
         # The state exists from here on (zero moments, master weights = the parameters), in the
         # subgroups rather than in ``self.state``. Say so in ``self.state`` too: DCP's
         # ``set_optimizer_state_dict`` otherwise "initialises" an empty-looking optimizer with a
@@ -210,50 +138,31 @@ class InterleavedOptimizer(torch.optim.Optimizer):
                 self.state[p] = {"placement": sg.placement}
 
     # -- set-up ---------------------------------------------------------------------------------
-    def _device_budget(self, device_budget_bytes: int) -> int:
-        if device_budget_bytes >= 0:
-            return device_budget_bytes
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return int(0.4 * free)
-        return 0
-
-    def _ensure_calibration(self, nvme_path: str, subgroup_size: int) -> None:
-        if self.calibration is None:
-            from offload.calibrate import calibrate
-
-            self.calibration = calibrate(
-                self.device, nvme_path or None, numel=min(subgroup_size, 1 << 22)
-            )
-
-    def _setup_storage(self, nvme_path: str, io_backend: str, io_threads: int, max_pad: int):
+    def _setup_storage(self, plan: OffloadPlan) -> None:
+        max_pad = plan.max_padded
         nvme_sgs = [sg for sg in self.subgroups if sg.placement == "nvme"]
         host_sgs = [sg for sg in self.subgroups if sg.placement in ("cpu", "nvme")]
         self.io: AsyncFileIO | None = None
         if nvme_sgs:
-            if not nvme_path:
+            if not plan.nvme_path:
                 raise OffloadConfigError(
                     "offload.nvme_path is empty but subgroups are placed on nvme: set it to a "
                     "folder on a local NVMe/SSD"
                 )
             rank = dist.get_rank() if dist.is_initialized() else 0
             folder = check_nvme_folder(
-                Path(nvme_path) / f"rank{rank:05d}",
+                Path(plan.nvme_path) / f"rank{rank:05d}",
                 sum(sg.state_bytes for sg in nvme_sgs),
                 "offload.nvme_path",
             )
-            self.io = AsyncFileIO(folder, io_backend, io_threads)
+            self.io = AsyncFileIO(folder, plan.io_backend, plan.io_threads)
         # Host buffers: one gradient buffer per slot for CPU updates, one state buffer per slot
         # for NVMe staging, one device state buffer pair for 'stage'.
         self._grad_slots = [aligned_empty(max_pad) for _ in range(N_SLOTS)] if host_sgs else []
         self._state_slots = [self.io.empty(3 * max_pad) for _ in range(N_SLOTS)] if nvme_sgs else []
-        staged = [sg for sg in self.subgroups if sg.placement == "stage"]
-        self._dev_state = (
-            torch.empty(3 * max_pad, device=self.device) if staged or self._has_device() else None
-        )
-        self._dev_grad = (
-            torch.empty(max_pad, device=self.device) if staged or self._has_device() else None
-        )
+        on_device = any(sg.placement in ("stage", "device") for sg in self.subgroups)
+        self._dev_state = torch.empty(3 * max_pad, device=self.device) if on_device else None
+        self._dev_grad = torch.empty(max_pad, device=self.device) if on_device else None
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         for sg in self.subgroups:
             if sg.placement == "nvme":
@@ -265,16 +174,9 @@ class InterleavedOptimizer(torch.optim.Optimizer):
             self._reset_state(sg)
 
     def _alias_host_params(self, sg: Subgroup) -> None:
-        """On a CPU-resident model, make plain fp32 parameters of a ``cpu`` subgroup views of
-        its master-weight row (DeepSpeed's flat-buffer trick): the CPU update then writes the
-        parameters directly, with no copy back. DTensor (FSDP2) parameters keep their storage
-        (FSDP owns it) and are copied as usual."""
-        if self.device.type != "cpu" or sg.placement != "cpu":
-            return
-        if any(
-            hasattr(p, "to_local") or p.dtype != torch.float32 or hasattr(p, "_offload_row")
-            for p in sg.params
-        ):  # DTensor, low precision, or already owned by another optimizer's subgroup
+        """Make the parameters of an ``aliasable`` subgroup views of its master-weight row: the
+        CPU update then writes the parameters directly, with no copy back."""
+        if not aliasable(sg, self.device):
             return
         for p, off in zip(sg.params, sg.offsets):
             view = sg.state[0, off : off + p.numel()].view_as(p)
@@ -282,24 +184,6 @@ class InterleavedOptimizer(torch.optim.Optimizer):
             p.data = view
             p._offload_row = True
         sg.extra["aliased"] = True
-
-    def _choose_list_kernel(self) -> None:
-        """``cpu_kernel=auto`` on aliased subgroups: time torch's fused kernel against the
-        calibration's pick on scratch lists shaped like the largest aliased subgroup (DeepSpeed
-        pays a call per tensor, torch one per list, so many small tensors favour torch)."""
-        aliased = [sg for sg in self.subgroups if sg.extra.get("aliased")]
-        if not aliased or self.cpu_kernel_name == "torch_fused":
-            return
-        sg = max(aliased, key=lambda s: s.numel)
-        sizes = [p.numel() for p in sg.params]
-        speed = rank_list_kernels(
-            {"torch_fused": torch_fused, self.cpu_kernel_name: self.cpu_kernel}, sizes
-        )
-        if speed["torch_fused"] > speed[self.cpu_kernel_name]:
-            self.cpu_list_kernel, self.cpu_list_kernel_name = torch_fused, "torch_fused"
-
-    def _has_device(self) -> bool:
-        return any(sg.placement == "device" for sg in self.subgroups)
 
     def _reset_state(self, sg: Subgroup, moments: tuple | None = None) -> None:
         """Master := current parameters; moments := zeros or the given per-param tensors."""
@@ -328,8 +212,7 @@ class InterleavedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params = [p for sg in self.subgroups for p in sg.params]
-        total = clip_grad_norm_(params, 0.0, self.pp_group)
+        total = self.grad_norm([p for sg in self.subgroups for p in sg.params])
         self.last_grad_norm = total
         if not math.isfinite(total.item()):
             self.skipped_steps += 1
@@ -468,10 +351,7 @@ class InterleavedOptimizer(torch.optim.Optimizer):
 
     def placement_summary(self) -> dict[str, int]:
         """Subgroups per placement, e.g. ``{'device': 2, 'cpu': 3, 'nvme': 1}``."""
-        out: dict[str, int] = {}
-        for sg in self.subgroups:
-            out[sg.placement] = out.get(sg.placement, 0) + 1
-        return out
+        return self.plan.summary()
 
     def state_dict(self) -> dict:  # type: ignore[override]
         """``torch.optim.AdamW``-compatible state: per parameter ``step``, ``exp_avg``,

@@ -106,6 +106,21 @@ def build_subgroups(param_groups: list[dict], subgroup_size: int) -> list[Subgro
     return out
 
 
+def aliasable(sg: Subgroup, device: torch.device) -> bool:
+    """Whether a subgroup's parameters can become views of its master-weight row (DeepSpeed's
+    flat-buffer trick): a ``cpu`` subgroup of a CPU-resident model whose parameters are plain
+    fp32 tensors not yet owned by another optimizer's subgroup. DTensor (FSDP2) parameters keep
+    their storage (FSDP owns it)."""
+    return (
+        device.type == "cpu"
+        and sg.placement == "cpu"
+        and not any(
+            hasattr(p, "to_local") or p.dtype != torch.float32 or hasattr(p, "_offload_row")
+            for p in sg.params
+        )
+    )
+
+
 def gather_flat(tensors: list[torch.Tensor], sg: Subgroup, out: torch.Tensor) -> torch.Tensor:
     """Copy ``tensors`` (one per parameter, local shapes) into ``out[:N]`` (any device pair)."""
     for t, off in zip(tensors, sg.offsets):

@@ -34,15 +34,11 @@ from pathlib import Path
 import torch
 from torchrec import KeyedJaggedTensor
 
+from models.dlrm import feature_names
 from models.errors import RecDataError
 
 CRITEO_DENSE = 13
 CRITEO_SPARSE = 26
-
-
-def feature_names(n: int) -> list[str]:
-    """Canonical sparse feature names ``f0 .. f{n-1}``."""
-    return [f"f{i}" for i in range(n)]
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 Usage: python tests/distributed/ckpt_crash_worker.py <root>; the torchrun-style environment
 (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) says which rank. Saves step 1 synchronously
-(committed), then registers a lazy save of step 2 whose writer the test hook pauses mid-file.
+(committed), then registers a lazy save of step 2 whose writer (``FaultInjectingWriter``, from
+the ``CRASH_HOOK`` spec) pauses mid-file or at a commit point.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.distributed as dist
 
 def main(root: str) -> None:
     from checkpoint import Manager
-    from tests.ckpt_utils import args, make, train_step
+    from tests.ckpt_utils import FaultInjectingWriter, args, make, train_step
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(1)
@@ -39,8 +40,7 @@ def main(root: str) -> None:
     train_step(model, opt, 1)
     mgr.save_async(1)
     if hook:
-        os.environ["LATTICE_CKPT_TEST_HOOK"] = hook
-        mgr.engine.hooks = dict(kv.split("=", 1) for kv in hook.split(","))
+        mgr.engine.writer = FaultInjectingWriter.from_spec(hook)
     mgr.args.mode = "lazy_async"
     train_step(model, opt, 2)
     mgr.save_async(2)

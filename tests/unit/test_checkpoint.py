@@ -14,7 +14,7 @@ from checkpoint import CheckpointError, Manager, validate_checkpoint_args
 from checkpoint.consolidate import load_consolidated
 from checkpoint.engine import HostRing
 from checkpoint.format import read_index, resolve
-from tests.ckpt_utils import args, make, snapshot, train_step
+from tests.ckpt_utils import FaultInjectingWriter, args, make, snapshot, train_step
 
 
 def _saved(tmp_path: Path, steps=(1,), mode="sync", **kw):
@@ -115,19 +115,20 @@ def _tmpfs(path: Path, size: str) -> bool:
     )
 
 
-def test_full_disk_fails_clearly_and_keeps_previous(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("disk", ["tmpfs", "injected"])
+def test_full_disk_fails_clearly_and_keeps_previous(tmp_path: Path, disk: str) -> None:
     root = tmp_path / f"small-{uuid.uuid4().hex[:6]}"
-    mounted = _tmpfs(root, "256k")
+    mounted = disk == "tmpfs" and _tmpfs(root, "256k")
+    if disk == "tmpfs" and not mounted:
+        pytest.skip("cannot mount a tmpfs here (needs root); the injected case covers it")
     try:
         model, opt, mgr = _saved(root, steps=(1,))
         good = snapshot(model, opt)
         if mounted:  # a real full filesystem: leave less room than one checkpoint needs
             free = shutil.disk_usage(root).free
             (root / "filler").write_bytes(bytes(max(0, free - 8192)))
-        else:  # no permission to mount: the engine's fault hook raises ENOSPC like a full disk
-            monkeypatch.setenv("LATTICE_CKPT_TEST_HOOK", "enospc_after_bytes=4096")
-            mgr = Manager(args(root), root)
-            mgr.attach(model, opt)
+        else:  # the injected writer raises ENOSPC as a full disk would
+            mgr.engine.writer = FaultInjectingWriter(enospc_after_bytes=4096)
         train_step(model, opt, 2)
         with pytest.raises(CheckpointError, match=r"No space left on device") as exc:
             mgr.save_async(2)
@@ -148,6 +149,7 @@ def _lazy_save_during_next_step(
     model, opt = make(width=width)
     mgr = Manager(args(tmp_path, "lazy_async", host_buffer_mb=host_buffer_mb), tmp_path)
     mgr.attach(model, opt)
+    mgr.engine.writer = FaultInjectingWriter(copy_delay_s=0.02)  # copies slower than a step
     train_step(model, opt, 1)
     ref = snapshot(model, opt)  # synchronous snapshot at step 1
     mgr.save_async(1)
@@ -162,11 +164,10 @@ def _lazy_save_during_next_step(
     ("width", "host_buffer_mb"), [(128, 1024), (1024, 1)], ids=["state_fits", "state_12x_budget"]
 )
 def test_lazy_snapshot_equals_sync_snapshot(
-    tmp_path: Path, monkeypatch, width: int, host_buffer_mb: int
+    tmp_path: Path, width: int, host_buffer_mb: int
 ) -> None:
     """The update waits until the snapshot is on the host (streamed through the arena when the
     state is larger than the budget), and the file equals a synchronous snapshot bit for bit."""
-    monkeypatch.setenv("LATTICE_CKPT_TEST_HOOK", "copy_delay_s=0.02")  # reads slower than a step
     ref, got, job = _lazy_save_during_next_step(tmp_path / "guarded", True, width, host_buffer_mb)
     assert job.copy_s > 0.02  # the copy really was still running when the update came
     if host_buffer_mb == 1:

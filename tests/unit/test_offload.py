@@ -14,7 +14,7 @@ import torch
 
 from models.gpt import GPT, GPTConfig
 from offload.aio import AsyncFileIO, aligned_empty
-from offload.build import validate_offload_args
+from offload.build import interleaved_optimizer, validate_offload_args
 from offload.calibrate import calibrate
 from offload.kernels import deepspeed_op_ready
 from offload.optimizer import InterleavedOptimizer
@@ -86,7 +86,7 @@ def assert_same_as_reference(model, ref, opt=None, ref_opt=None) -> None:
 
 
 def make_opt(model, placement, tmp_path, **kw) -> InterleavedOptimizer:
-    return InterleavedOptimizer(
+    return interleaved_optimizer(
         adamw_groups(model),
         lr=LR,
         betas=(0.9, 0.95),
@@ -143,7 +143,7 @@ def test_auto_kernel_on_aliased_lists_follows_measurement(
 ) -> None:
     """``cpu_kernel=auto``: the in-place (aliased) update uses whichever kernel the list
     measurement found faster, and either choice still equals torch.optim.AdamW."""
-    import offload.optimizer as opt_mod
+    import offload.calibrate as calibrate_mod
 
     cal = calibrate(torch.device("cpu"), None, 1 << 12, cache="", verbose=False)
     cal.cpu_kernel_params_per_s = {"torch_fused": 1.0, "torch_foreach": 2.0}
@@ -153,7 +153,7 @@ def test_auto_kernel_on_aliased_lists_follows_measurement(
         seen.append(sizes)
         return {k: (2.0 if k == winner else 1.0) for k in kernels}
 
-    monkeypatch.setattr(opt_mod, "rank_list_kernels", fake_rank)
+    monkeypatch.setattr(calibrate_mod, "rank_list_kernels", fake_rank)
     ref = tiny_gpt()
     train_reference(ref)
     model = tiny_gpt()
@@ -216,7 +216,7 @@ def test_host_budget_smaller_than_state_trains_through_nvme(tmp_path: Path) -> N
 
 def test_host_budget_without_nvme_path_is_a_clear_error() -> None:
     with pytest.raises(OffloadConfigError, match=r"offload.host_budget_mb=.*offload.nvme_path"):
-        InterleavedOptimizer(tiny_gpt().parameters(), placement="cpu", host_budget_bytes=1 << 10)
+        interleaved_optimizer(tiny_gpt().parameters(), placement="cpu", host_budget_bytes=1 << 10)
 
 
 def test_unwritable_nvme_path_fails_before_first_step(tmp_path: Path) -> None:
@@ -227,7 +227,7 @@ def test_unwritable_nvme_path_fails_before_first_step(tmp_path: Path) -> None:
         validate_offload_args(args)
     model = tiny_gpt()
     with pytest.raises(OffloadConfigError, match=r"offload\.nvme_path"):
-        InterleavedOptimizer(model.parameters(), placement="nvme", nvme_path=args.nvme_path)
+        interleaved_optimizer(model.parameters(), placement="nvme", nvme_path=args.nvme_path)
 
 
 def test_read_only_mount_is_rejected(tmp_path: Path) -> None:
@@ -263,7 +263,7 @@ def test_full_tmpfs_fails_before_first_step(tmp_path: Path) -> None:
         pytest.skip("cannot mount a tiny tmpfs here (needs root)")
     try:
         with pytest.raises(OffloadConfigError, match=r"offload\.nvme_path"):
-            InterleavedOptimizer(tiny_gpt().parameters(), placement="nvme", nvme_path=str(mnt))
+            interleaved_optimizer(tiny_gpt().parameters(), placement="nvme", nvme_path=str(mnt))
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
 
