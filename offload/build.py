@@ -8,7 +8,6 @@ is what the trainer calls instead of ``torch.optim.AdamW`` when ``offload.kind !
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Iterable
 
 import torch
@@ -83,7 +82,7 @@ def interleaved_optimizer(
 
 
 def build_offload_optimizer(
-    model: nn.Module, optim_args: object, offload_args: object, grad_norm: GradNorm | None = None
+    model: nn.Module, optim_args: object, offload_args: object, grad_norm: GradNorm
 ) -> InterleavedOptimizer:
     """AdamW (weight decay on matrices only, as the trainer's) with offloaded state.
 
@@ -91,17 +90,10 @@ def build_offload_optimizer(
         model: the (possibly FSDP2-sharded) model; each rank offloads its local shards.
         optim_args: ``OptimArgs`` (lr, betas, eps, weight_decay, grad_clip).
         offload_args: ``OffloadArgs``.
-        grad_norm: the global gradient norm over every shard and stage; the trainer's
-            ``parallelism.utils.clip_grad_norm_`` (clipping off, no pipeline group) when None.
+        grad_norm: the global gradient norm over every shard and stage (the model family's,
+            ``Family.grad_norm``: offload knows no parallel layout).
     """
     validate_offload_args(offload_args)
-    if grad_norm is None:
-        # TODO(issue 15): the trainer passes its norm (pipeline group included) and this
-        # import, offload's only one of parallelism, goes (a PENDING entry of
-        # tests/unit/test_import_graph.py).
-        from parallelism.utils import clip_grad_norm_
-
-        grad_norm = functools.partial(clip_grad_norm_, max_norm=0.0)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": optim_args.weight_decay},

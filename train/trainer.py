@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import os
 import time
-import types
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -167,15 +166,12 @@ def build_optimizer(model: nn.Module, optim: object) -> torch.optim.Optimizer:
 
 
 def build_run_optimizer(model: nn.Module, job: JobConfig, family: Family) -> Any:
-    """AdamW, or the offload optimizer (which clips itself when the family's norm is its own)."""
+    """AdamW, or the offload optimizer (it clips with the family's global norm)."""
     if job.offload.kind == "none":
         return build_optimizer(model, job.optim)
     from offload import build_offload_optimizer
 
-    optim = job.optim
-    if not family.offload_clips:  # the trainer clips first (train_step): no second clip
-        optim = types.SimpleNamespace(**{**vars(job.optim), "grad_clip": 0.0})
-    return build_offload_optimizer(model, optim, job.offload)
+    return build_offload_optimizer(model, job.optim, job.offload, family.grad_norm(model))
 
 
 class Trainer:
@@ -252,7 +248,7 @@ class Trainer:
         loss = family.forward_backward(model, self.train_loader.next_batch())
         family.reduce_gradients(model)
         self.ckpt.wait_before_update()  # a lazy snapshot must be on the host before weights change
-        if getattr(self.optimizer, "owns_grad_clip", False) and family.offload_clips:
+        if getattr(self.optimizer, "owns_grad_clip", False):
             self.optimizer.step()  # offload: global norm, clip and overflow skip inside
             grad_norm = self.optimizer.last_grad_norm
         else:

@@ -32,23 +32,11 @@ ALLOWED: dict[str, tuple[str, ...]] = {
 }
 LEAVES = ("models.errors",)  # modules that import nothing from the project
 
-# Known violations that go with the rewrite of train/ and checkpoint/manager.py for issue 15
-# (one trainer, model families, the family checkpoint adapter). Each entry is one import edge
-# the checks ignore; delete an entry when its import is gone (test_pending_entries_are_still_
-# needed fails until it is).
-PENDING: set[tuple[str, str]] = {
-    # The train.specs <-> train.moe_spec cycle (the function-local import in specs).
-    ("train.specs", "train.moe_spec"),
-    # The train.specs -> train.recsys -> train.trainer -> train.specs cycle (both hidden in
-    # functions).
-    ("train.specs", "train.recsys"),
-    ("train.recsys", "train.trainer"),
-    # checkpoint learns the stacked-expert layout from models.moe (to come from the adapter).
-    ("checkpoint.manager", "models.moe"),
-    # build_offload_optimizer's default grad_norm; goes when train/trainer.py passes
-    # grad_norm=functools.partial(clip_grad_norm_, max_norm=0.0, pp_group=...) to it.
-    ("offload.build", "parallelism.utils"),
-}
+# Known violations allowed while their fix lands: each entry is one import edge the checks
+# ignore; test_pending_entries_are_still_needed fails once its import is gone. Empty: the
+# issue-15 rewrite removed the last ones (train/ cycles, checkpoint -> models.moe, offload ->
+# parallelism).
+PENDING: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path, root: Path) -> str:

@@ -13,7 +13,7 @@ ignored silently (``tests/unit/test_config_fields.py`` enumerates every field x 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any, ClassVar
 
@@ -92,9 +92,11 @@ class Family:
         """Global gradient norm (every shard counted once), clipped to ``max_norm``."""
         return clip_grad_norm_(model.parameters(), max_norm, pipeline_group)
 
-    offload_clips: ClassVar[bool] = True
-    """Whether the offload optimizer's own global norm is this family's (else the trainer
-    clips with ``clip_grad_norm`` first and the offload optimizer does not clip)."""
+    def grad_norm(self, model: nn.Module) -> Callable[[list[torch.Tensor]], torch.Tensor]:
+        """The global gradient norm without clipping, for an optimizer that clips itself
+        (offload): ``params -> 0-d tensor``, identical on every rank."""
+        group = getattr(self, "pipeline_group", None)
+        return lambda params: clip_grad_norm_(params, 0.0, group)
 
     def global_loss(self, local: torch.Tensor) -> float:
         """The logged loss of a step from this rank's ``forward_backward`` result."""

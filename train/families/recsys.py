@@ -63,7 +63,6 @@ class RecsysFamily(Family):
     """Shared by ``dlrm`` and ``dmt``; subclasses build the plain and the sharded model."""
 
     unit: ClassVar[str] = "samples"
-    offload_clips: ClassVar[bool] = False  # the norm counts sharded tables once: ours
     refuses: ClassVar[dict[str, str]] = {
         "train.seq_len": _TOKEN_ONLY,
         "train.activation_checkpoint": "no transformer blocks to recompute",
@@ -204,6 +203,11 @@ class RecsysFamily(Family):
         if self.world > 1:
             return model.clip_grad_norm_(max_norm)
         return clip_grad_norm_(model.parameters(), max_norm)
+
+    def grad_norm(self, model: nn.Module) -> Any:
+        if self.world > 1:  # each sharded table counted once (tables live on one rank)
+            return lambda params: model.clip_grad_norm_(0.0)
+        return super().grad_norm(model)
 
     def global_loss(self, local: torch.Tensor) -> float:
         if self.world > 1:
