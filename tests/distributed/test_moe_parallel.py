@@ -40,15 +40,15 @@ def _train(rank: int, world: int, dp_shard: int, ep: int, router: str, force_01:
     from parallelism.dims import ParallelDims
     from parallelism.init import canonical_name
     from parallelism.utils import all_reduce_mean, clip_grad_norm_
-    from train.specs import get_model_spec
+    from train.families.gpt_moe import GPTMoEFamily
     from train.trainer import build_optimizer
 
     job = _job(router)
     dims = ParallelDims(world, dp_shard=dp_shard, ep=ep)
     if world > 1:
         dims.build_mesh("cpu")
-    spec = get_model_spec("gpt_moe")
-    model = spec.build_and_parallelize(job, dims, torch.device("cpu"))
+    family = GPTMoEFamily(job, dims, rank)
+    model = family.build_model(torch.device("cpu"))
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     b_loc = B // dims.dp
     t_loc = b_loc * S
@@ -79,7 +79,7 @@ def _train(rank: int, world: int, dp_shard: int, ep: int, router: str, force_01:
         opt.zero_grad(set_to_none=True)
         xy = data[step, rank * b_loc : (rank + 1) * b_loc]
         logits = model(xy[:, :-1])
-        loss = spec.loss(logits, xy[:, 1:], job)
+        loss = family.loss(logits, xy[:, 1:], job.model.vocab_size)
         loss.backward()
         if step == 0:
             for n, p in model.named_parameters():
@@ -215,7 +215,7 @@ def _train_3d(
     from parallelism.init import canonical_name
     from parallelism.ulysses import sequence_slice
     from parallelism.utils import all_reduce_mean, clip_grad_norm_
-    from train.specs import get_model_spec
+    from train.families.gpt_moe import GPTMoEFamily
     from train.trainer import build_optimizer
 
     job = _job("sparsemixer")
@@ -225,11 +225,11 @@ def _train_3d(
     dp = dims.dp
     mb = B // N_MICRO // dp
     job.train.global_batch_size, job.train.micro_batch_size = B, mb
-    spec = get_model_spec("gpt_moe")
-    spec.validate(job, dims)
+    family = GPTMoEFamily(job, dims, rank)
+    family.validate()
     if world > 1:
         dims.build_mesh("cpu")
-    model = spec.build_and_parallelize(job, dims, torch.device("cpu"))
+    model = family.build_model(torch.device("cpu"))
     dp_rank = dims.coordinate(rank)["dp_shard"]
     sl = sequence_slice(S, dims.coordinate(rank)["sp"], sp)
     state = {"step": 0, "calls": {}}
@@ -246,19 +246,13 @@ def _train_3d(
             return u[dp_rank * mb : (dp_rank + 1) * mb, sl].reshape(-1, 2, n_e + 1)
 
         m.uniform_fn = noise
-    runner = None
-    if pp > 1:
-        from parallelism.pipeline import PipelineRunner
-
-        loss_fn = lambda out, y: spec.loss(out, y, job)  # noqa: E731
-        runner = PipelineRunner(model, dims, job, loss_fn, torch.device("cpu"))
     data = torch.randint(0, 256, (STEPS, B, S + 1), generator=torch.Generator().manual_seed(7))
-    if runner is not None:
+    if pp > 1:
         # torch.pipelining infers the stage metadata by running each stage's forward once more
         # in its first step; run that step here and discard it (no optimizer exists yet).
         state["step"] = -1
         xy = data[0, :mb]
-        runner.forward_backward([(xy[:, :-1], xy[:, 1:])] * N_MICRO)
+        family.forward_backward(model, [(xy[:, :-1], xy[:, 1:])] * N_MICRO)
         model.zero_grad(set_to_none=True)
     opt = build_optimizer(model, job.optim)
     torch.manual_seed(0)
@@ -272,22 +266,14 @@ def _train_3d(
             glob = data[step, k * B // N_MICRO : (k + 1) * B // N_MICRO]
             xy = glob[dp_rank * mb : (dp_rank + 1) * mb]
             micro.append((xy[:, :-1], xy[:, 1:]))
-        if runner is not None:
-            loss = runner.forward_backward(micro)
-        else:
-            loss = torch.zeros(())
-            for x, y in micro:
-                pos = torch.arange(sl.start, sl.stop)
-                mloss = spec.loss(model(x[:, sl], pos), y[:, sl], job) / N_MICRO
-                mloss.backward()
-                loss += mloss.detach()
+        loss = family.forward_backward(model, micro)  # the pipeline schedule when pp > 1
         if step == 0:
             for n, p in model.named_parameters():
                 if ".experts." in n:
                     g = p.grad
                     full = g.full_tensor() if isinstance(g, DTensor) else g
                     first_grads[canonical_name(n)] = full.detach().clone()
-        clip_grad_norm_(model.parameters(), 1.0, runner.pp_group if runner else None)
+        clip_grad_norm_(model.parameters(), 1.0, family.pipeline_group)
         opt.step()
         losses.append(all_reduce_mean(loss.item(), group))
     weights = {}

@@ -14,10 +14,12 @@ global positions; ``self.seq_slice`` is that slice, computed once here for every
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -184,9 +186,8 @@ class GPTFamily(Family):
         y = y[:, sl].to(dev, non_blocking=True)
         return x, y, torch.arange(sl.start, sl.stop, device=dev)
 
-    def _context(self) -> Any:
-        from contextlib import ExitStack
-
+    def _context(self) -> ExitStack:
+        """Autocast and the vocab-parallel loss context, around forward and backward."""
         stack = ExitStack()
         stack.enter_context(self.autocast())
         stack.enter_context(tp_loss_context(self.dims.tp))  # vocab-parallel loss: fwd and bwd
@@ -209,8 +210,6 @@ class GPTFamily(Family):
     def _run_pipeline(self, micro_batches: list, train: bool) -> torch.Tensor:
         """One step of the pipeline schedule over this rank's micro-batches; the mean loss
         (only the last stage has one: summed over the pp group, identical on all pp ranks)."""
-        import torch.distributed as dist
-
         pipe, sl = self.pipeline, self.seq_slice
         x = torch.cat([b[0][:, sl] for b in micro_batches]).to(self.device)
         y = torch.cat([b[1][:, sl] for b in micro_batches]).to(self.device)
