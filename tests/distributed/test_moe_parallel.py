@@ -25,9 +25,10 @@ LR = 1e-2
 
 def _job(router: str):
     from train.config import JobConfig
+    from train.families.gpt_moe import MoEArgs
 
     job = JobConfig()
-    m = job.model
+    job.model = m = MoEArgs()
     m.name, m.dim, m.n_layers, m.n_heads, m.n_kv_heads = "gpt_moe", 32, 2, 2, 1
     m.n_experts, m.top_k, m.router, m.aux_loss_coef = E, 2, router, 0.1
     job.train.seq_len, job.train.seed = S, 3
