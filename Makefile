@@ -14,7 +14,7 @@ $(BIN)/python:
 # The dali extra (NVIDIA DALI, ~425 MB wheel) is installed so CI tests data.backend=dali for real;
 # the offload extra (DeepSpeed) so the tests and benchmarks compare against DeepSpeed's ops.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,dali,offload,text]"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,dali,offload]"
 	touch $(STAMP)
 
 # DeepSpeed's cpu_adam and async_io are JIT-built once into torch's extension cache (about 4 min

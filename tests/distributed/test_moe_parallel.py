@@ -29,7 +29,7 @@ def _job(router: str):
 
     job = JobConfig()
     job.model = m = MoEArgs()
-    m.name, m.dim, m.n_layers, m.n_heads, m.n_kv_heads = "gpt_moe", 32, 2, 2, 1
+    m.dim, m.n_layers, m.n_heads, m.n_kv_heads = 32, 2, 2, 1
     m.n_experts, m.top_k, m.router, m.aux_loss_coef = E, 2, router, 0.1
     job.train.seq_len, job.train.seed = S, 3
     job.optim.lr, job.optim.impl = LR, "foreach"
@@ -214,7 +214,6 @@ def _train_3d(
     from models.moe import MoE
     from parallelism.dims import ParallelDims
     from parallelism.init import canonical_name
-    from parallelism.ulysses import sequence_slice
     from parallelism.utils import all_reduce_mean, clip_grad_norm_
     from train.families.gpt_moe import GPTMoEFamily
     from train.trainer import build_optimizer
@@ -232,7 +231,7 @@ def _train_3d(
         dims.build_mesh("cpu")
     model = family.build_model(torch.device("cpu"))
     dp_rank = dims.coordinate(rank)["dp_shard"]
-    sl = sequence_slice(S, dims.coordinate(rank)["sp"], sp)
+    sl = family.seq_slice  # this rank's Ulysses slice, as the family cuts it
     state = {"step": 0, "calls": {}}
     for name, m in model.named_modules():
         if not isinstance(m, MoE) or not inject:
