@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: train test lint format install clean ds-ops golden
+.PHONY: train test lint format install clean ds-ops golden test-matrix
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -49,6 +49,12 @@ lint: $(STAMP)
 
 test: $(STAMP) $(TORCHREC) $(DSOPS) lint
 	$(BIN)/python -m pytest $(ARGS)
+
+# The whole layout matrix (issue 19): every gpt/gpt_moe layout on 1-8 ranks against the single
+# process, and every invalid one's error; writes benchmarks/results/layout_matrix.{md,json}.
+# The suite runs its pairwise subset (tests/distributed/test_layout_matrix.py).
+test-matrix: $(STAMP) $(TORCHREC)
+	$(BIN)/python -m tests.matrix.run $(ARGS)
 
 # Rewrite the golden loss files (tests/golden/) from this tree; only for an intended math change,
 # never to make a refactor pass (docs/testing.md): make golden ARGS='--why "..." [case ...]'

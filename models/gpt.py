@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -203,6 +204,10 @@ class GPT(nn.Module):
     """
 
     block_cls = Block
+    stage_extras: tuple[str, ...] = ()
+    """What a pipeline stage passes on beside the hidden state, in order: ``"keys"`` (the
+    (B, S) int64 token keys, also an input of the first stage) and ``"aux"`` (a 0-d fp32 loss
+    in the graph). ``parallelism.pipeline.StageShapes`` declares them to torch's pipelining."""
     position_offset = 0
     """Global position of this module's first token when ``forward`` gets no ``positions`` (set
     on pipeline stages of a sequence-parallel layout, whose inputs carry no positions)."""
@@ -217,10 +222,13 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor | None = None, **block_kwargs: Any
+    ) -> torch.Tensor:
         """Args:
             x: (B, S) token ids, or (B, S, E) hidden states on a stage without embeddings.
             positions: (S,) global positions (default ``arange(S)``).
+            block_kwargs: passed to every block (a subclass's blocks may take more inputs).
 
         Returns:
             (B, S, V) logits (V = padded vocabulary), or (B, S, E) hidden states on a stage
@@ -232,7 +240,7 @@ class GPT(nn.Module):
             positions = torch.arange(start, start + h.shape[1], device=h.device)
         cos_SD, sin_SD = rope_tables(self.cfg.head_dim, positions, self.cfg.rope_theta)
         for layer in self.layers.values():
-            h = layer(h, cos_SD, sin_SD)
+            h = layer(h, cos_SD, sin_SD, **block_kwargs)
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h

@@ -25,6 +25,12 @@ Owns, as plain modules without process groups:
   As a pipeline stage (the same class with the blocks it does not own removed) it passes the
   running sum of the balancing losses to the next stage next to the hidden states, so the last
   stage's loss includes every layer's.
+- ``keyed_uniform``: SparseMixer's training noise as a pure function of (seed, layer, token
+  key). The model family passes each token's global id in the step's batch as its key, so the
+  noise a token gets is the same on every layout (tp ranks of a stage, pipeline stages, data and
+  sequence shards, a single process) and under activation recompute. A per-rank ``torch.rand``
+  stream cannot give that: a data-parallel rank would draw a different stream from the single
+  process, and a later pipeline stage would not have consumed the earlier stages' draws.
 """
 
 from __future__ import annotations
@@ -245,6 +251,29 @@ class GroupedExperts(nn.Module):
         return self.compute(x_ND, counts_E, self.w1, self.w2, self.w3, self.use_grouped_mm)
 
 
+# -- layout-invariant noise ------------------------------------------------------------------
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor | int) -> torch.Tensor | int:
+    """A 32-bit integer hash (the "lowbias" finalizer) on int64 values in [0, 2^32): every
+    product stays below 2^59, so int64 arithmetic never overflows."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
+    return (x >> 16) ^ x
+
+
+def keyed_uniform(keys: torch.Tensor, salt: int, n: int) -> torch.Tensor:
+    """(T,) int64 keys >= 0 -> (T, n) fp32 uniforms in (0, 1), a pure function of
+    (key, salt, column): the same token key gets the same numbers on any rank, in any order."""
+    salt = int(_mix32(_mix32(salt & _M32) ^ (salt >> 32 & _M32)))
+    lo, hi = keys & _M32, keys >> 32
+    h = _mix32(_mix32(lo ^ salt) ^ hi)
+    cols = _mix32((torch.arange(n, device=keys.device) * 0x9E3779B1 + 1) & _M32)
+    bits = _mix32(h[:, None] ^ cols[None, :])
+    return ((bits >> 8).float() + 0.5) / float(1 << 24)
+
+
 # -- the block --------------------------------------------------------------------------------
 Dispatcher = Callable[[torch.Tensor, torch.Tensor, GroupedExperts], torch.Tensor]
 
@@ -282,18 +311,29 @@ class MoE(nn.Module):
         """Set by data/sequence parallelism: sums balancing statistics over the group."""
         self.uniform_fn: Callable[[int, int], torch.Tensor] | None = None
         """Optional (T, E) -> (T, 2, E + 1) uniforms for SparseMixer sampling (tests)."""
+        self.noise_salt = 0
+        """Folded into ``keyed_uniform``: ``GPTMoE`` sets it from the layer index (and the
+        family adds the run's seed), so layers and runs draw independent noise."""
         self.aux_loss: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None
         self.last_entropy: float | None = None
 
-    def route(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns router logits_TE (fp32), weights_TK (fp32) and experts_TK (int64)."""
+    def route(
+        self, x_TD: torch.Tensor, keys_T: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns router logits_TE (fp32), weights_TK (fp32) and experts_TK (int64).
+
+        ``keys_T``: each token's key for the SparseMixer noise (``keyed_uniform``); without
+        keys (or ``uniform_fn``) the noise comes from ``torch.rand``."""
         with torch.autocast(x_TD.device.type, enabled=False):  # router math in fp32
             logits_TE = self.router(x_TD.float())
         if self.router_kind == "sparsemixer":
             u = None
             if self.training and self.uniform_fn is not None:
                 u = self.uniform_fn(*logits_TE.shape).to(logits_TE.device)
+            elif self.training and keys_T is not None:
+                T, E = logits_TE.shape
+                u = keyed_uniform(keys_T, self.noise_salt, 2 * (E + 1)).view(T, 2, E + 1)
             w, idx = sparsemixer_v2(logits_TE, self.jitter_eps, self.training, u)
         else:
             w, idx = topk_softmax(logits_TE, self.top_k)
@@ -317,10 +357,11 @@ class MoE(nn.Module):
         f_E = counts_E / (n.detach() * experts_TK.shape[-1])
         return E * (f_E * (psum_E / n.detach())).sum()
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, keys_BS: torch.Tensor | None = None) -> torch.Tensor:
         shape = x_BSD.shape
         x_TD = x_BSD.reshape(-1, shape[-1])
-        logits_TE, w_TK, idx_TK = self.route(x_TD)
+        keys_T = keys_BS.reshape(-1).to(x_TD.device) if keys_BS is not None else None
+        logits_TE, w_TK, idx_TK = self.route(x_TD, keys_T)
         self.aux_loss = self.balance_loss(logits_TE, idx_TK) if self.training else None
         flat_e = idx_TK.flatten()
         order = torch.argsort(flat_e, stable=True)
@@ -360,11 +401,28 @@ class MoEBlock(Block):
             cfg.dim, cfg.moe_ffn_hidden, cfg.n_experts, cfg.top_k, cfg.router, cfg.jitter_eps
         )
 
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos_SD: torch.Tensor,
+        sin_SD: torch.Tensor,
+        keys: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """As ``Block.forward``; ``keys`` (B, S) key the router noise of these tokens."""
+        h = x + self.attention(self.attention_norm(x), cos_SD, sin_SD)
+        return h + self.feed_forward(self.ffn_norm(h), keys)
+
 
 class GPTMoE(GPT):
     """Llama-style GPT with MoE feed-forward blocks (GRIN-MoE's architecture, tiny)."""
 
     block_cls = MoEBlock
+    stage_extras = ("keys", "aux")
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__(cfg)
+        for key, block in self.layers.items():
+            block.feed_forward.noise_salt = int(key)  # the global layer index
 
     def moe_layers(self) -> dict[str, MoE]:
         """Layer key -> its MoE module (whatever wrappers surround the blocks)."""
@@ -373,27 +431,30 @@ class GPTMoE(GPT):
     def forward(
         self,
         x: torch.Tensor,
+        keys: torch.Tensor | None = None,
         aux_in: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """As ``GPT.forward``; a training forward carries the summed balancing loss of every MoE
         layer on the logits as ``moe_aux_loss``.
 
         As a pipeline stage (``parallelism.pipeline.split_model`` removes the blocks a stage
         does not own) the balancing losses of every stage must reach the loss on the last
-        stage: a stage without the output projection returns ``(hidden_BSD, aux)``, where
+        stage: a stage without the output projection returns ``(hidden_BSD, keys, aux)``
+        (``keys``, the (B, S) int64 keys of the router noise, pass through), where
         ``aux`` (0-d fp32, in the graph) is the incoming ``aux_in`` plus its own layers'
         losses; the pipeline sends it forward like an activation and its gradient
         (``aux_loss_coef / n_micro``) back like one. ``aux_in`` is None on the first stage.
         """
-        out = GPT.forward(self, x, positions)
+        out = GPT.forward(self, x, positions, keys=keys)
         aux = aux_in
         if self.training:
             own = [m.aux_loss for m in self.moe_layers().values() if m.aux_loss is not None]
             if own:
                 aux = torch.stack(own).sum() if aux is None else aux + torch.stack(own).sum()
         if self.output is None:
-            return out, aux if aux is not None else out.new_zeros((), dtype=torch.float32)
+            aux = aux if aux is not None else out.new_zeros((), dtype=torch.float32)
+            return out, keys, aux
         if self.training and aux is not None:
             out.moe_aux_loss = aux
         return out

@@ -5,7 +5,9 @@ the host size) before any process group exists, whose errors name the offending 
 order is ``pp, dp_replicate, dp_shard, sp, tp`` with tp innermost, so consecutive ranks (one
 host under torchrun/SLURM) form the tensor-parallel groups, and pp outermost, so pipeline
 neighbours may sit on different hosts where only point-to-point traffic crosses the slow link.
-Expert parallelism borrows ranks from ``dp_shard x sp`` (its groups are sub-meshes of those).
+Expert parallelism borrows ranks from ``dp_replicate x dp_shard x sp``, innermost first (as
+megatron-core's ``tp-cp-ep-dp-pp`` order: an ep group is ep consecutive data/sequence ranks, so
+it borrows from ``dp_replicate`` only once it has spanned ``dp_shard x sp``).
 """
 
 from __future__ import annotations
@@ -72,9 +74,11 @@ class ParallelDims:
                 f"{terms} = {product} != world size {self.world_size}: change the degrees "
                 "(or set one of dp_shard/dp_replicate to -1) or the number of processes"
             )
-        if self.ep > 1 and (self.dp_shard * self.sp) % self.ep:
+        edp_ranks = self.dp_replicate * self.dp_shard * self.sp
+        if self.ep > 1 and edp_ranks % self.ep:
             raise LayoutError(
-                f"parallel.ep={self.ep} must divide dp_shard*sp = {self.dp_shard * self.sp}"
+                f"parallel.ep={self.ep} must divide dp_replicate*dp_shard*sp = {edp_ranks} "
+                "(expert parallelism borrows data/sequence-parallel ranks)"
             )
         lws = self.local_world_size or self.world_size
         if self.tp > 1 and lws % self.tp and not self.allow_cross_host_tp:

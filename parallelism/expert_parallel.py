@@ -5,7 +5,8 @@ Follows torchtitan / Megatron-Core's all-to-all token dispatcher and GRIN-MoE's 
 - ``apply_expert_parallel``: the stacked expert weights (E, ...) become DTensors on a 3-D
   (``edp``, ``ep``, ``tp``) mesh with placements (Replicate, Shard(0), Shard(hidden) or
   Replicate): rank ``r`` of an ep group owns experts [r*E/ep, (r+1)*E/ep). ep ranks are
-  borrowed from ``dp_shard x sp`` (as ParallelDims validates); ``edp`` is the rest of the
+  borrowed from ``dp_replicate x dp_shard x sp``, innermost first (as ParallelDims validates;
+  megatron-core's ``tp-cp-ep-dp-pp`` order); ``edp`` is the rest of the
   data-parallel ranks, over which each expert shard is replicated. Non-expert parameters are
   sharded by FSDP2 over all data ranks as usual (``ignored_params`` keeps FSDP away from the
   expert DTensors).
@@ -143,12 +144,19 @@ def apply_global_balancing(model: nn.Module, group: dist.ProcessGroup | None) ->
 
 
 # -- expert parallelism -----------------------------------------------------------------------
+def expert_mesh_shape(dims: ParallelDims) -> tuple[int, int, int, int]:
+    """(pp, edp, ep, tp) of the expert mesh: the ``dp_replicate x dp_shard x sp`` ranks (in
+    mesh order) split into (edp, ep) with ep innermost, so ep may span dp_replicate too (ep=4
+    on dp_replicate=2 x dp_shard=2); tp as in ``ParallelDims.build_mesh`` (same rank order).
+    This is megatron-core's expert layout: its ``tp-cp-ep-dp-pp`` order with cp as sp
+    (``tests/unit/test_dims.py`` compares the groups with megatron-core's ``RankGenerator``)."""
+    data_ranks = dims.dp_replicate * dims.dp_shard * dims.sp
+    return (dims.pp, data_ranks // dims.ep, dims.ep, dims.tp)
+
+
 def expert_mesh(dims: ParallelDims, device_type: str = "cpu") -> DeviceMesh:
-    """The (edp, ep, tp) mesh: ``dp_shard x sp`` split into (dp_shard*sp/ep, ep) with ep
-    innermost, ``edp`` = dp_replicate x dp_shard*sp/ep; tp as in ``ParallelDims.build_mesh``
-    (same rank order)."""
-    inner = dims.dp_shard * dims.sp
-    shape = (dims.pp, dims.dp_replicate * inner // dims.ep, dims.ep, dims.tp)
+    """The (edp, ep, tp) mesh of ``expert_mesh_shape`` (the default process group must exist)."""
+    shape = expert_mesh_shape(dims)
     mesh = init_device_mesh(device_type, shape, mesh_dim_names=("pp", "edp", "ep", "tp"))
     return mesh["edp", "ep", "tp"]
 

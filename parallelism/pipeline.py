@@ -155,6 +155,81 @@ def split_model(model: nn.Module, dims: ParallelDims, virtual: int) -> Pipelined
     return PipelinedGPT([split_stage(model, s, n_stages) for s in ids], ids, n_stages)
 
 
+@dataclass(frozen=True)
+class StageShapes:
+    """What crosses a stage boundary, declared up front (torch's *static* stage metadata).
+
+    Without it torch infers each stage's output by running its forward once on
+    ``torch.empty`` inputs it materialises from the previous stage's shapes. Those
+    uninitialised values differ between the tensor/expert-parallel ranks of one stage, so an
+    MoE stage routes them differently on each rank and its expert collectives disagree in size
+    (gloo: "Received data size doesn't match expected size"): the crash of the 8-rank
+    ``gpt_moe tp=2 ep=2 dp_shard=2 pp=2`` run. Declared shapes also skip that extra forward.
+
+    Activations between stages are fp32 whatever ``train.dtype``: parameters stay fp32
+    (autocast computes in bf16, and the residual add promotes back to fp32).
+    """
+
+    micro_batch: int
+    seq_local: int
+    """This rank's sequence slice (Ulysses)."""
+    hidden_seq: int
+    """Sequence length of a hidden state (``seq_local / tp`` with sequence-parallel norms)."""
+    dim: int
+    vocab_padded: int
+    extras: tuple[str, ...]
+    """What a stage passes on beside the hidden state (``GPT.stage_extras``)."""
+
+    @classmethod
+    def of(cls, job: Any, dims: ParallelDims, micro_batch: int, model: nn.Module) -> StageShapes:
+        output = getattr(model, "output", None)  # on this rank only if it holds the last stage
+        seq_local = job.train.seq_len // dims.sp
+        sp_norms = dims.tp > 1 and job.parallel.sequence_parallel_norms
+        return cls(
+            micro_batch,
+            seq_local,
+            seq_local // dims.tp if sp_norms else seq_local,
+            job.model.dim,
+            output.weight.shape[0] if output is not None else 0,  # global (padded) rows
+            model.parts[0].stage_extras,
+        )
+
+    def _keys(self) -> torch.Tensor:
+        return torch.empty(self.micro_batch, self.seq_local, dtype=torch.long, device="meta")
+
+    def _hidden(self, grad: bool) -> tuple[torch.Tensor | None, ...]:
+        """The boundary: hidden state, then the model's extras (the MoE's token keys and
+        balancing loss). ``grad=True``: their gradients (none for the integer keys)."""
+        h = torch.empty(self.micro_batch, self.hidden_seq, self.dim, device="meta")
+        out: list[torch.Tensor | None] = [h.requires_grad_(not grad)]
+        for kind in self.extras:
+            if kind == "keys":
+                out.append(None if grad else self._keys())
+            else:
+                out.append(torch.empty((), device="meta").requires_grad_(not grad))
+        return tuple(out)
+
+    def _logits(self, dims: ParallelDims) -> torch.Tensor:
+        shape = (self.micro_batch, self.seq_local, self.vocab_padded // dims.tp)
+        local = torch.empty(shape, device="meta", requires_grad=True)
+        if dims.tp == 1:
+            return local
+        from torch.distributed.tensor import DTensor, Shard
+
+        return DTensor.from_local(local, dims.mesh["tp"], [Shard(-1)], run_check=False)
+
+    def stage_args(self, stage: int, n_stages: int, dims: ParallelDims) -> dict[str, Any]:
+        """``PipelineStage`` keyword arguments: example inputs/outputs and their gradients."""
+        first, last = stage == 0, stage == n_stages - 1
+        inputs = (self._keys(), self._keys()) if "keys" in self.extras else (self._keys(),)
+        return {
+            "input_args": inputs if first else self._hidden(False),
+            "output_args": (self._logits(dims),) if last else self._hidden(False),
+            "input_grads": (None,) * len(inputs) if first else self._hidden(True),
+            "output_grads": (None,) if last else self._hidden(True),
+        }
+
+
 @dataclass
 class PipelineSchedule:
     """A built torch pipeline schedule and what running it needs to know (the trainer runs
@@ -190,8 +265,17 @@ def build_schedule(
 
     pp_group = dims.mesh["pp"].get_group()
     n = num_microbatches(job, dims)
+    per_rank = job.train.global_batch_size // max(1, dims.dp)
+    io = StageShapes.of(job, dims, per_rank // n, model)
     stages = [
-        PipelineStage(part, s, model.n_stages, device, group=pp_group)
+        PipelineStage(
+            part,
+            s,
+            model.n_stages,
+            device,
+            group=pp_group,
+            **io.stage_args(s, model.n_stages, dims),
+        )
         for part, s in zip(model.parts, model.stage_ids)
     ]
     for part in model.parts:

@@ -8,8 +8,8 @@ download).
 
 Sample ``i`` is the window ``tokens[i*S : i*S + S + 1]`` (inputs and shifted targets). The order
 of samples is a seeded permutation per epoch. Step ``k`` consumes global samples
-``[k*G, (k+1)*G)`` of that order; data-parallel rank ``r`` of ``dp`` takes the contiguous slice
-``r*G/dp ...`` and splits it into micro-batches. The position is a count of *global* samples,
+``[k*G, (k+1)*G)`` of that order; micro-batch ``m`` of data-parallel rank ``r`` of ``dp`` is
+rows ``(m*dp + r)*mb ...`` of the step (``micro_batch_offset``). The position is a count of *global* samples,
 so a checkpoint resumes with the same samples on another data-parallel size.
 """
 
@@ -135,6 +135,17 @@ class TokenShards:
 
 
 # -- loader ------------------------------------------------------------------------------------
+def micro_batch_offset(k: int, dp_rank: int, dp_size: int, micro_batch: int) -> int:
+    """First row, within its global batch, of data-parallel rank ``dp_rank``'s micro-batch ``k``.
+
+    Micro-batch ``k`` of every data-parallel rank together is global rows
+    ``[k*dp*mb, (k+1)*dp*mb)``: the rows a single process with ``micro_batch = dp*mb`` sees in
+    its micro-batch ``k``. So what depends on a micro-batch as a whole (the MoE global balancing
+    loss, reduced over the data-parallel group) is the same on every layout of the same global
+    micro-batch."""
+    return (k * dp_size + dp_rank) * micro_batch
+
+
 class TokenLoader:
     """Deterministic, layout-invariant batches for one data-parallel rank.
 
@@ -184,15 +195,19 @@ class TokenLoader:
         ]
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
+    def micro_offset(self, k: int) -> int:
+        """First row (within the global batch) of this rank's micro-batch ``k``."""
+        return micro_batch_offset(k, self.dp_rank, self.dp_size, self.micro_batch)
+
     def next_batch(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's micro-batches of the next global batch: a list of (inputs_BS, targets_BS)."""
-        per_rank = self.global_batch // self.dp_size
-        start = self.consumed + self.dp_rank * per_rank
-        self.consumed += self.global_batch
+        n_micro = self.global_batch // self.dp_size // self.micro_batch
         out = []
-        for m in range(0, per_rank, self.micro_batch):
-            seq = self._read(range(start + m, start + m + self.micro_batch))
+        for k in range(n_micro):
+            start = self.consumed + self.micro_offset(k)
+            seq = self._read(range(start, start + self.micro_batch))
             out.append((seq[:, :-1], seq[:, 1:]))
+        self.consumed += self.global_batch
         return out
 
     def state_dict(self) -> dict:

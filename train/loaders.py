@@ -55,13 +55,7 @@ class _TokenSource:
         ld, a = self._loader, self.args
         per_rank = a["global_batch"] // a["dp_size"]
         step, m = divmod(info.iteration, per_rank // a["micro_batch"])
-        g = (
-            self.start
-            + step * a["global_batch"]
-            + a["dp_rank"] * per_rank
-            + m * a["micro_batch"]
-            + info.idx_in_batch
-        )
+        g = self.start + step * a["global_batch"] + ld.micro_offset(m) + info.idx_in_batch
         j, S = ld._sample_index(g), a["seq_len"]
         return np.ascontiguousarray(ld.shards.tokens[j * S : j * S + S + 1])
 

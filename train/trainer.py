@@ -245,6 +245,7 @@ class Trainer:
         update. Returns (this rank's loss, the global gradient norm)."""
         family, model = self.family, self.model
         self.optimizer.zero_grad(set_to_none=True)
+        family.step = self.step
         loss = family.forward_backward(model, self.train_loader.next_batch())
         family.reduce_gradients(model)
         self.ckpt.wait_before_update()  # a lazy snapshot must be on the host before weights change

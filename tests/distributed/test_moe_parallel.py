@@ -57,8 +57,8 @@ def _train(rank: int, world: int, dp_shard: int, ep: int, router: str, force_01:
     for li, m in enumerate(moes):
         if force_01:  # every token is routed to experts 0 and 1: experts 2, 3 get no tokens
 
-            def forced(x_TD, route=m.route):
-                logits_TE, _, idx_TK = route(x_TD)
+            def forced(x_TD, keys_T=None, route=m.route):
+                logits_TE, _, idx_TK = route(x_TD, keys_T)
                 idx_TK = torch.tensor([[0, 1]]).expand_as(idx_TK)
                 return logits_TE, torch.softmax(logits_TE, -1).gather(1, idx_TK), idx_TK
 

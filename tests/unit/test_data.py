@@ -22,8 +22,9 @@ def _global_batches(
         ld.load_state_dict({"consumed_samples": start, "seed": 3})
     out = []
     for _ in range(steps):
-        parts = [torch.cat([x for x, _ in ld.next_batch()]) for ld in loaders]
-        out.append(torch.cat(parts))
+        per_rank = [ld.next_batch() for ld in loaders]  # rank r's micro-batch k: global rows
+        parts = [per_rank[r][k][0] for k in range(len(per_rank[0])) for r in range(dp)]
+        out.append(torch.cat(parts))  # (k*dp + r)*micro.., so this is the step's row order
     return out
 
 

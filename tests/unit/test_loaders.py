@@ -37,8 +37,13 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> TokenShards:
 
 
 def _token_steps(loaders: list, steps: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Per step, every rank's micro-batches in rank order."""
-    return [[mb for ld in loaders for mb in ld.next_batch()] for _ in range(steps)]
+    """Per step, every rank's micro-batches in global row order (micro-batch k of rank r is
+    rows ``(k*dp + r)*micro ...``, ``train.data.micro_batch_offset``)."""
+    out = []
+    for _ in range(steps):
+        per_rank = [ld.next_batch() for ld in loaders]
+        out.append([b[k] for k in range(len(per_rank[0])) for b in per_rank])
+    return out
 
 
 def _assert_same(a: list, b: list) -> None:

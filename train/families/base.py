@@ -40,6 +40,9 @@ class Family:
     def __init__(self, job: Any, dims: ParallelDims, rank: int) -> None:
         self.job, self.dims, self.rank = job, dims, rank
         self.device = torch.device("cpu")
+        self.step = 0
+        """The optimizer step ``forward_backward`` computes (the trainer sets it; e.g. the MoE
+        router's noise is keyed by it)."""
 
     # -- before launch ------------------------------------------------------------------------
     def validate(self) -> None:

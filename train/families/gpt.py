@@ -34,7 +34,7 @@ from parallelism.tensor_parallel import tp_loss_context, validate_tensor_paralle
 from parallelism.ulysses import sequence_slice, validate_ulysses
 from parallelism.utils import all_reduce_mean
 from train.config import ModelArgs
-from train.data import TokenShards, resolve_data_dir
+from train.data import TokenShards, micro_batch_offset, resolve_data_dir
 from train.families.base import Family
 from train.loaders import build_token_loader
 
@@ -95,7 +95,9 @@ class GPTFamily(Family):
 
     def __init__(self, job: Any, dims: Any, rank: int) -> None:
         super().__init__(job, dims, rank)
-        self.seq_slice = sequence_slice(job.train.seq_len, dims.coordinate(rank)["sp"], dims.sp)
+        coord = dims.coordinate(rank)
+        self.seq_slice = sequence_slice(job.train.seq_len, coord["sp"], dims.sp)
+        self.dp_rank = coord["dp_replicate"] * dims.dp_shard + coord["dp_shard"]
         self.pipeline: PipelineSchedule | None = None
 
     # -- before launch ------------------------------------------------------------------------
@@ -151,8 +153,7 @@ class GPTFamily(Family):
     def build_loaders(self) -> tuple[Any, Any]:
         t, d, job = self.job.train, self.dims, self.job
         data_dir = self.data_dir
-        coord = d.coordinate(self.rank)
-        dp_rank = coord["dp_replicate"] * d.dp_shard + coord["dp_shard"]
+        dp_rank = self.dp_rank
 
         def make(split: str, shuffle: bool) -> Any:
             shards = TokenShards.open(data_dir, split)
@@ -179,6 +180,24 @@ class GPTFamily(Family):
     def loss(self, out: torch.Tensor, y: torch.Tensor, vocab_size: int) -> torch.Tensor:
         return lm_loss(out, y, vocab_size)
 
+    def token_keys(self, k: int, batch: int) -> torch.Tensor | None:
+        """(batch, S_local) int64 keys of micro-batch ``k``'s tokens on this rank: each token's
+        global id ``(row in the run) * seq_len + position``, the same on every layout (rows as
+        ``train.data.micro_batch_offset`` assigns them). None for a model that takes no keys
+        (``GPT.stage_extras``); ``GPTMoE`` keys its router noise with them."""
+        if "keys" not in self.model_cls.stage_extras:
+            return None
+        t, sl = self.job.train, self.seq_slice
+        first = self.step * t.global_batch_size
+        first += micro_batch_offset(k, self.dp_rank, self.dims.dp, batch)
+        rows = torch.arange(first, first + batch, dtype=torch.long)
+        pos = torch.arange(sl.start, sl.stop, dtype=torch.long)
+        return (rows[:, None] * t.seq_len + pos[None, :]).to(self.device)
+
+    def _forward(self, model: nn.Module, k: int, x: torch.Tensor, pos: torch.Tensor) -> Any:
+        keys = self.token_keys(k, x.shape[0])
+        return model(x, positions=pos) if keys is None else model(x, keys, positions=pos)
+
     def _local(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
         """This rank's part of a micro-batch (its sequence slice) and those tokens' positions."""
         sl, dev = self.seq_slice, self.device
@@ -199,10 +218,10 @@ class GPTFamily(Family):
                 return self._run_pipeline(micro_batches, train=True)
         total = torch.zeros((), device=self.device)
         n, vocab = len(micro_batches), self.job.model.vocab_size
-        for x, y in micro_batches:
+        for k, (x, y) in enumerate(micro_batches):
             x, y, pos = self._local(x, y)
             with self._context():
-                loss = self.loss(model(x, positions=pos), y, vocab) / n
+                loss = self.loss(self._forward(model, k, x, pos), y, vocab) / n
             loss.backward()
             total += loss.detach()
         return total
@@ -213,9 +232,13 @@ class GPTFamily(Family):
         pipe, sl = self.pipeline, self.seq_slice
         x = torch.cat([b[0][:, sl] for b in micro_batches]).to(self.device)
         y = torch.cat([b[1][:, sl] for b in micro_batches]).to(self.device)
+        inputs: tuple = (x,)
+        keys = [self.token_keys(k, b[0].shape[0]) for k, b in enumerate(micro_batches)]
+        if keys[0] is not None:  # split into micro-batches by the schedule, like the tokens
+            inputs = (x, torch.cat(keys))
         losses: list[torch.Tensor] = []
         run = pipe.schedule.step if train else pipe.schedule.eval
-        run(*((x,) if pipe.has_first else ()), target=y if pipe.has_last else None, losses=losses)
+        run(*(inputs if pipe.has_first else ()), target=y if pipe.has_last else None, losses=losses)
         total = torch.zeros((), device=self.device)
         for loss in losses:
             total += loss.detach().float()
@@ -248,8 +271,8 @@ class GPTFamily(Family):
                 if self.pipeline is not None:
                     losses.append(self._run_pipeline(batch, train=False).item())
                     continue
-                for x, y in batch:
+                for k, (x, y) in enumerate(batch):
                     x, y, pos = self._local(x, y)
-                    losses.append(self.loss(model(x, positions=pos), y, vocab).item())
+                    losses.append(self.loss(self._forward(model, k, x, pos), y, vocab).item())
         model.train()
         return {"val_loss": all_reduce_mean(sum(losses) / len(losses), self.loss_group())}

@@ -72,6 +72,14 @@ class GPTMoEFamily(GPTFamily):
                 "(the MoE block routes whole sequences): set it to false"
             )
 
+    def build_model(self, device: torch.device, saved: object = None) -> nn.Module:
+        """As the dense family's; the router noise is also keyed by ``train.seed``."""
+        model = super().build_model(device, saved)
+        for m in model.modules():
+            if isinstance(m, MoE):
+                m.noise_salt = (self.job.train.seed << 32) | m.noise_salt
+        return model
+
     def loss(self, out: torch.Tensor, y: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """Next-token cross-entropy plus ``aux_loss_coef`` x the global balancing loss (summed
         over MoE layers; carried on the logits as ``moe_aux_loss`` by a training forward)."""

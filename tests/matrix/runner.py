@@ -1,0 +1,226 @@
+"""Run layouts of the matrix (``tests.matrix.layouts``) against the single process.
+
+Each valid layout runs the real ``Trainer`` for ``STEPS`` steps; all layouts of one world size
+share one spawn of gloo ranks (``tests.distributed.harness``), one after the other. The single
+process runs once per distinct (family, global batch, global micro-batch) in this process. A
+layout passes when every logged loss and the final validation loss equal the reference's (rel
+1e-5) and every final weight does (``tests.trainer_utils.assert_weights_close``: rel 1e-4 with a
+floor of 0.2% of one AdamW step). Each invalid layout must fail ``plan_run`` before any process
+group exists, with a one-line error that contains ``expected_error``'s text.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tests.matrix.layouts import LR, STEPS, Layout, expected_error
+
+BASE = [
+    f"train.steps={STEPS}",
+    "train.seq_len=16",
+    "train.warmup_steps=1",
+    "train.eval_every=0",
+    "train.eval_batches=1",
+    f"optim.lr={LR}",
+    "optim.impl=foreach",
+    "optim.eps=1e-5",  # see tests/distributed/test_3d.py: keeps AdamW well-conditioned
+    "data.name=stdlib",
+    "data.max_bytes=300000",
+    "logging.every=1",
+    "logging.progress=false",
+    "logging.plot=false",
+]
+
+
+@dataclass
+class Outcome:
+    layout: Layout
+    passed: bool
+    seconds: float
+    loss_rel_diff: float = float("nan")
+    weight_abs_diff: float = float("nan")
+    detail: str = ""
+    expected: str | None = field(default=None)
+
+
+def base_overrides(data_dir: str) -> list[str]:
+    return [*BASE, f"data.path={data_dir}"]
+
+
+def _train(overrides: list[str]) -> dict:
+    from tests.trainer_utils import run_trainer
+
+    out = run_trainer(overrides, base=[])
+    return {"losses": out["losses"], "val": out["val_loss"], "weights": out["weights"]}
+
+
+def _keeps_weights(lay: Layout, rank: int) -> bool:
+    """Ranks at tp/sp/dp coordinate 0 return their stages' weights (one copy of each)."""
+    from parallelism.dims import ParallelDims
+
+    dims = ParallelDims(
+        lay.world,
+        dp_replicate=lay.dp_replicate,
+        dp_shard=lay.dp_shard,
+        tp=lay.tp,
+        pp=lay.pp,
+        sp=lay.sp,
+        ep=lay.ep,
+    )
+    c = dims.coordinate(rank)
+    return all(c[k] == 0 for k in ("tp", "sp", "dp_shard", "dp_replicate"))
+
+
+def run_world(rank: int, world: int, layouts: list[Layout], base: list[str], tmp: str) -> list:
+    """On every rank of one spawn: each layout in turn; (seconds, result or error text)."""
+    import traceback
+
+    out = []
+    for i, lay in enumerate(layouts):
+        t0 = time.perf_counter()
+        try:
+            res = _train([*base, *lay.overrides(), f"run.dir={tmp}/w{world}_{i}"])
+            if not _keeps_weights(lay, rank):
+                res["weights"] = {}
+            res["weights"] = {k: v.numpy() for k, v in res["weights"].items()}
+            out.append((time.perf_counter() - t0, res))
+        except Exception:  # the process group may be unusable now: stop this world here
+            out.append((time.perf_counter() - t0, traceback.format_exc(limit=8)))
+            break
+    return out
+
+
+def reference(lay: Layout, base: list[str], tmp: str, cache: dict) -> dict:
+    if lay.reference_key not in cache:
+        run_dir = f"{tmp}/ref_{len(cache)}"
+        res = _train([*base, *lay.reference_overrides(), f"run.dir={run_dir}"])
+        res["weights"] = {k: v.numpy() for k, v in res["weights"].items()}
+        cache[lay.reference_key] = res
+    return cache[lay.reference_key]
+
+
+def compare(lay: Layout, seconds: float, per_rank: list, ref: dict) -> Outcome:
+    from tests.trainer_utils import assert_weights_close
+
+    if any(isinstance(r, str) for r in per_rank):
+        err = next(r for r in per_rank if isinstance(r, str))
+        return Outcome(lay, False, seconds, detail=err.strip().splitlines()[-1])
+    losses, val = per_rank[0]["losses"], per_rank[0]["val"]
+    weights: dict = {}
+    for r in per_rank:
+        weights.update(r["weights"])
+    want = torch.tensor(ref["losses"])
+    got = torch.tensor(losses)
+    loss_diff = float(((got - want).abs() / want.abs()).max()) if len(got) == len(want) else 1.0
+    val_diff = abs(val - ref["val"]) / abs(ref["val"])
+    w_diff = 0.0
+    try:
+        assert len(losses) == STEPS and loss_diff <= 1e-5, f"losses {losses} vs {ref['losses']}"
+        assert val_diff <= 1e-5, f"val_loss {val} vs {ref['val']}"
+        assert weights.keys() == ref["weights"].keys(), set(weights) ^ set(ref["weights"])
+        for name, w in ref["weights"].items():
+            w = torch.from_numpy(w)
+            g = torch.from_numpy(weights[name])
+            if g.shape[0] > w.shape[0]:  # tp vocabulary padding stays zero
+                assert torch.count_nonzero(g[w.shape[0] :]) == 0, name
+                g = g[: w.shape[0]]
+            w_diff = max(w_diff, float((g - w).abs().max()))
+            assert_weights_close(g, w, f"{lay.name} {name}", LR)
+    except AssertionError as exc:
+        return Outcome(lay, False, seconds, loss_diff, w_diff, str(exc).splitlines()[0][:200])
+    return Outcome(lay, True, seconds, max(loss_diff, val_diff), w_diff)
+
+
+@contextmanager
+def _world_env(world: int) -> Iterator[None]:
+    keys = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(WORLD_SIZE=str(world), RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE=str(world))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _set(job: object, override: str) -> None:
+    """Apply ``group.field=value`` to a loaded job, typed like the field's current value."""
+    key, value = override.split("=", 1)
+    group, name = key.split(".")
+    target = getattr(job, group)
+    old = getattr(target, name)
+    if isinstance(old, bool):
+        setattr(target, name, value == "true")
+    else:
+        setattr(target, name, type(old)(value))
+
+
+def check_invalid(lay: Layout, base: list[str], tmp: str, cache: dict | None = None) -> Outcome:
+    """``plan_run`` must refuse the layout with one line containing ``expected_error``.
+
+    The config is composed once per family (``cache``); the layout's ``parallel.*`` and
+    ``train.*`` values are then set on a copy of the typed job (composing with Hydra for each
+    of the ~250 invalid layouts would cost minutes)."""
+    import copy
+
+    from train.cli import load_config
+    from train.trainer import plan_run
+
+    cache = {} if cache is None else cache
+    want = expected_error(lay)
+    t0 = time.perf_counter()
+    overrides = lay.overrides()
+    model = [o for o in overrides if o.startswith("model")]
+    if lay.family not in cache:
+        cache[lay.family] = load_config([*base, *model, f"run.dir={tmp}/invalid"])[0]
+    job = copy.deepcopy(cache[lay.family])
+    for o in overrides:
+        if not o.startswith("model"):
+            _set(job, o)
+    with _world_env(lay.world):
+        try:
+            plan_run(job)
+        except Exception as exc:  # the message is what is checked
+            msg = str(exc)
+            ok = want is not None and want in msg and "\n" not in msg.strip()
+            return Outcome(lay, ok, time.perf_counter() - t0, detail=msg, expected=want)
+    return Outcome(lay, False, time.perf_counter() - t0, detail="no error", expected=want)
+
+
+def run_valid(layouts: list[Layout], tmp: str) -> list[Outcome]:
+    """Every valid layout against its single-process reference, one spawn per world size."""
+    from tests.distributed.harness import run_on_ranks
+
+    base = base_overrides(str(Path(tmp) / "data"))
+    cache: dict = {}
+    outcomes: list[Outcome] = []
+    for world in sorted({lay.world for lay in layouts}):
+        group = [lay for lay in layouts if lay.world == world]
+        refs = [reference(lay, base, tmp, cache) for lay in group]
+        if world == 1:
+            per_layout = [[(0.0, r)] for r in refs]
+            outcomes += [
+                compare(lay, 0.0, [p[0][1]], ref) for lay, p, ref in zip(group, per_layout, refs)
+            ]
+            continue
+        results = run_on_ranks(run_world, world, group, base, tmp, timeout_s=120 + 20 * len(group))
+        for i, (lay, ref) in enumerate(zip(group, refs)):
+            if i >= len(results[0]):
+                outcomes.append(
+                    Outcome(lay, False, 0.0, detail="not run: an earlier layout failed")
+                )
+                continue
+            seconds = max(r[i][0] for r in results if i < len(r))
+            per_rank = [r[i][1] if i < len(r) else "missing" for r in results]
+            outcomes.append(compare(lay, seconds, per_rank, ref))
+    return outcomes
