@@ -104,7 +104,11 @@ def _parallelize_one(
         apply_activation_checkpointing(model)
     if job.train.compile:
         apply_compile(model)
-    if needs_fsdp(dims) or (dims.dp_replicate > 1 and _model_parallel(dims)):
+    # Replicate-only data parallelism is DDP, except next to model parallelism or expert
+    # parallelism (experts are DTensors that DDP cannot leave out of one optimizer's foreach
+    # kernels): there FSDP2 on (dp_replicate, dp_shard=1) replicates, as HSDP with no sharding.
+    replicate_only = dims.dp_replicate > 1 and (_model_parallel(dims) or dims.ep > 1)
+    if needs_fsdp(dims) or replicate_only:
         apply_fsdp(model, dims, ignored_params=set(ignored) or None)
     return model
 
@@ -126,6 +130,6 @@ def _apply_experts(model: nn.Module, dims: ParallelDims, emesh: DeviceMesh | Non
 
 def finalize_data_parallel(model: nn.Module, dims: ParallelDims) -> nn.Module:
     """Post-initialisation step: DDP for replicated-only layouts without TP/PP."""
-    if needs_ddp(dims) and not _model_parallel(dims):
+    if needs_ddp(dims) and not _model_parallel(dims) and dims.ep == 1:
         model = apply_ddp(model, dims)
     return model

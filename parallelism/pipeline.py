@@ -16,6 +16,7 @@ stage only, so it is summed over the pp group (zeros elsewhere) for logging.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -267,6 +268,9 @@ def build_schedule(
     n = num_microbatches(job, dims)
     per_rank = job.train.global_batch_size // max(1, dims.dp)
     io = StageShapes.of(job, dims, per_rank // n, model)
+    # The last stage's logits get no gradient from a next stage (the loss is computed there):
+    # torch warns about exactly that legal case for every static last stage.
+    warnings.filterwarnings("ignore", message=r"Stage \d+: output_args\[0\] has requires_grad")
     stages = [
         PipelineStage(
             part,

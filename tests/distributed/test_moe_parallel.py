@@ -248,8 +248,8 @@ def _train_3d(
         m.uniform_fn = noise
     data = torch.randint(0, 256, (STEPS, B, S + 1), generator=torch.Generator().manual_seed(7))
     if pp > 1:
-        # torch.pipelining infers the stage metadata by running each stage's forward once more
-        # in its first step; run that step here and discard it (no optimizer exists yet).
+        # A warm-up step, discarded (no optimizer exists yet): the stages' shapes are declared
+        # (parallelism.pipeline.StageShapes), so it only shows a first step changes nothing.
         state["step"] = -1
         xy = data[0, :mb]
         family.forward_backward(model, [(xy[:, :-1], xy[:, 1:])] * N_MICRO)

@@ -49,7 +49,7 @@ def write(outcomes: list[Outcome], out: Path, title: str, wall: float) -> None:
         "",
         f"Command: `make test-matrix` (`python -m tests.matrix.run`). {summary['layouts_run']} "
         f"valid layouts trained {STEPS} steps each against the single process (losses rel 1e-5, "
-        f"final weights rel 1e-4 with a floor of 0.2% of one AdamW step), "
+        f"final weights within 1e-4 element-wise and rel 1e-4 per tensor), "
         f"{summary['invalid_checked']} invalid layouts checked for their one-line error; "
         f"**{summary['failures']} failures**; wall {summary['wall_s']} s on this machine.",
         "",

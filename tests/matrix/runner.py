@@ -4,8 +4,7 @@ Each valid layout runs the real ``Trainer`` for ``STEPS`` steps; all layouts of 
 share one spawn of gloo ranks (``tests.distributed.harness``), one after the other. The single
 process runs once per distinct (family, global batch, global micro-batch) in this process. A
 layout passes when every logged loss and the final validation loss equal the reference's (rel
-1e-5) and every final weight does (``tests.trainer_utils.assert_weights_close``: rel 1e-4 with a
-floor of 0.2% of one AdamW step). Each invalid layout must fail ``plan_run`` before any process
+1e-5) and every final weight does (``close_weights``: 1e-4). Each invalid layout must fail ``plan_run`` before any process
 group exists, with a one-line error that contains ``expected_error``'s text.
 """
 
@@ -106,9 +105,18 @@ def reference(lay: Layout, base: list[str], tmp: str, cache: dict) -> dict:
     return cache[lay.reference_key]
 
 
-def compare(lay: Layout, seconds: float, per_rank: list, ref: dict) -> Outcome:
-    from tests.trainer_utils import assert_weights_close
+def close_weights(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    """Final weights "at 1e-4" (issue 19): element-wise within 1e-4 (abs, plus rel 1e-4) and
+    within rel 1e-4 for the tensor as a whole. An MoE router's discrete choices (SparseMixer's
+    jitter mask, top-k) may flip for a token whose scores tie to rounding on another layout,
+    which moves a few elements by up to ~3e-5 after 3 steps at lr 1e-2; a wrong gradient moves
+    weights by O(lr) = 1e-2 and fails by two orders of magnitude."""
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel <= 1e-4, (name, rel)
 
+
+def compare(lay: Layout, seconds: float, per_rank: list, ref: dict) -> Outcome:
     if any(isinstance(r, str) for r in per_rank):
         err = next(r for r in per_rank if isinstance(r, str))
         return Outcome(lay, False, seconds, detail=err.strip().splitlines()[-1])
@@ -132,7 +140,7 @@ def compare(lay: Layout, seconds: float, per_rank: list, ref: dict) -> Outcome:
                 assert torch.count_nonzero(g[w.shape[0] :]) == 0, name
                 g = g[: w.shape[0]]
             w_diff = max(w_diff, float((g - w).abs().max()))
-            assert_weights_close(g, w, f"{lay.name} {name}", LR)
+            close_weights(g, w, f"{lay.name} {name}")
     except AssertionError as exc:
         return Outcome(lay, False, seconds, loss_diff, w_diff, str(exc).splitlines()[0][:200])
     return Outcome(lay, True, seconds, max(loss_diff, val_diff), w_diff)
