@@ -195,7 +195,8 @@ class StageShapes:
             model.parts[0].stage_extras,
         )
 
-    def _keys(self) -> torch.Tensor:
+    def _ids(self) -> torch.Tensor:
+        """(mb, seq) int64: the first stage's token ids, and an MoE's token keys."""
         return torch.empty(self.micro_batch, self.seq_local, dtype=torch.long, device="meta")
 
     def _hidden(self, grad: bool) -> tuple[torch.Tensor | None, ...]:
@@ -205,7 +206,7 @@ class StageShapes:
         out: list[torch.Tensor | None] = [h.requires_grad_(not grad)]
         for kind in self.extras:
             if kind == "keys":
-                out.append(None if grad else self._keys())
+                out.append(None if grad else self._ids())
             else:
                 out.append(torch.empty((), device="meta").requires_grad_(not grad))
         return tuple(out)
@@ -222,7 +223,7 @@ class StageShapes:
     def stage_args(self, stage: int, n_stages: int, dims: ParallelDims) -> dict[str, Any]:
         """``PipelineStage`` keyword arguments: example inputs/outputs and their gradients."""
         first, last = stage == 0, stage == n_stages - 1
-        inputs = (self._keys(), self._keys()) if "keys" in self.extras else (self._keys(),)
+        inputs = (self._ids(), self._ids()) if "keys" in self.extras else (self._ids(),)
         return {
             "input_args": inputs if first else self._hidden(False),
             "output_args": (self._logits(dims),) if last else self._hidden(False),

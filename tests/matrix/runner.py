@@ -215,11 +215,8 @@ def run_valid(layouts: list[Layout], tmp: str) -> list[Outcome]:
     for world in sorted({lay.world for lay in layouts}):
         group = [lay for lay in layouts if lay.world == world]
         refs = [reference(lay, base, tmp, cache) for lay in group]
-        if world == 1:
-            per_layout = [[(0.0, r)] for r in refs]
-            outcomes += [
-                compare(lay, 0.0, [p[0][1]], ref) for lay, p, ref in zip(group, per_layout, refs)
-            ]
+        if world == 1:  # the layout is the reference itself: nothing to compare
+            outcomes += [Outcome(lay, True, 0.0, 0.0, 0.0, detail="reference") for lay in group]
             continue
         results = run_on_ranks(run_world, world, group, base, tmp, timeout_s=120 + 20 * len(group))
         for i, (lay, ref) in enumerate(zip(group, refs)):
