@@ -221,7 +221,10 @@ def run_valid(layouts: list[Layout], tmp: str) -> list[Outcome]:
         if world == 1:  # the layout is the reference itself: nothing to compare
             outcomes += [Outcome(lay, True, 0.0, 0.0, 0.0, detail="reference") for lay in group]
             continue
-        results = run_on_ranks(run_world, world, group, base, tmp, timeout_s=120 + 20 * len(group))
+        # A layout on 8 ranks takes 20-45 s on 2 cores (cold DTensor sharding propagation for
+        # each new mesh), more beside other jobs: 60 s each bounds the group, not a layout.
+        timeout_s = 120 + 60 * len(group)
+        results = run_on_ranks(run_world, world, group, base, tmp, timeout_s=timeout_s)
         for i, (lay, ref) in enumerate(zip(group, refs)):
             if i >= len(results[0]):
                 outcomes.append(
