@@ -96,11 +96,53 @@ def prepare_stdlib(out: Path, max_bytes: int, val_fraction: float) -> Path:
     return out
 
 
+def read_meta(folder: Path) -> dict:
+    """``folder/meta.json``, or a one-line DataError naming the file."""
+    path = folder / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path} is unreadable ({e}): re-run `python -m train.prepare`") from None
+    if meta.get("dtype") not in DTYPES:
+        raise DataError(f"{path}: dtype {meta.get('dtype')!r} is not uint16 or uint32")
+    return meta
+
+
+def verify_shards(folder: Path) -> dict:
+    """Check ``train.bin``/``val.bin`` against ``meta.json`` by size (no bytes are read): each
+    exists, is non-empty, is a whole number of tokens, and holds the token count meta.json
+    records (a truncated copy would otherwise train silently on less data). Returns meta."""
+    meta = read_meta(folder)
+    itemsize = np.dtype(DTYPES[meta["dtype"]]).itemsize
+    fix = "re-run `python -m train.prepare` (or copy the folder again)"
+    for split in ("train", "val"):
+        path = folder / f"{split}.bin"
+        if not path.is_file():
+            raise DataError(f"{path} is missing: {fix}")
+        size = path.stat().st_size
+        if size == 0:
+            raise DataError(f"{path} is empty: {fix}")
+        if size % itemsize:
+            raise DataError(
+                f"{path} is {size} bytes, not a whole number of {meta['dtype']} tokens "
+                f"({itemsize} bytes each): the file is damaged; {fix}"
+            )
+        want = meta.get(f"{split}_tokens")
+        if want is not None and size // itemsize != int(want):
+            raise DataError(
+                f"{path} holds {size // itemsize} tokens but {folder / 'meta.json'} records "
+                f"{split}_tokens={want}: the file is truncated or from another preparation; {fix}"
+            )
+    return meta
+
+
 def resolve_data_dir(data: object) -> Path:
-    """The shard folder for ``cfg.data``, preparing the stdlib corpus if needed."""
+    """The shard folder for ``cfg.data``, preparing the stdlib corpus if needed; its shards
+    are checked against ``meta.json`` (``verify_shards``)."""
     if data.name == "stdlib":
         path = Path(data.path or "data_cache/stdlib")
-        return prepare_stdlib(path, data.max_bytes, data.val_fraction)
+        verify_shards(prepare_stdlib(path, data.max_bytes, data.val_fraction))
+        return path
     if data.name == "shards":
         path = Path(data.path)
         if not (path / "meta.json").is_file():
@@ -108,6 +150,7 @@ def resolve_data_dir(data: object) -> Path:
                 f"data.path={data.path!r} has no meta.json: write shards with "
                 "`python -m train.prepare --out DIR FILES...` and point data.path at DIR"
             )
+        verify_shards(path)
         return path
     raise DataError(f"data.name={data.name!r} is unknown: use 'stdlib' or 'shards'")
 
@@ -121,10 +164,8 @@ class TokenShards:
 
     @classmethod
     def open(cls, folder: Path, split: str) -> TokenShards:
-        meta = json.loads((folder / "meta.json").read_text())
-        dtype = meta.get("dtype")
-        if dtype not in DTYPES:
-            raise DataError(f"{folder}/meta.json: dtype {dtype!r} is not uint16 or uint32")
+        meta = read_meta(folder)
+        dtype = meta["dtype"]
         path = folder / f"{split}.bin"
         if not path.is_file():
             raise DataError(f"{path} is missing: re-run `python -m train.prepare`")

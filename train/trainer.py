@@ -38,6 +38,7 @@ from train.fields import refuse_ignored
 from train.kernels import apply_fused_rmsnorm, build_apex_fused_adam, describe_kernels
 from train.metrics import MetricsLogger, plot_loss
 from train.optional import check_optional_packages
+from train.ranges import check_ranges
 
 
 @dataclass
@@ -111,6 +112,7 @@ def plan_run(job: JobConfig) -> RunPlan:
     data; no process group is created."""
     dims = dims_from_config(job.parallel)
     _check_loop_fields(job, dims)
+    check_ranges(job)
     family_cls = get_family(job.model)
     refuse_unsupported(job, family_cls)
     refuse_ignored(job, dims, JobConfig())

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.data import DataError, TokenLoader, TokenShards, resolve_data_dir
+from train.data import DataError, TokenLoader, TokenShards, resolve_data_dir, write_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,3 +83,44 @@ def test_missing_data_path_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(DataError, match=r"data\.path"):
         resolve_data_dir(D())
+
+
+def _shards(tmp_path: Path) -> Path:
+    out = tmp_path / "shards"
+    rng = np.random.default_rng(0)
+    tr, va = rng.integers(0, 256, 5000), rng.integers(0, 256, 500)
+    write_shards(out, tr, va, 256, "test")
+    return out
+
+
+class _Shards:
+    name = "shards"
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: os.truncate(p, 2000), r"train\.bin holds 1000 tokens but .*train_tokens=5000"),
+        (lambda p: os.truncate(p, 2001), r"train\.bin is 2001 bytes, not a whole number of uint16"),
+        (lambda p: os.truncate(p, 0), r"train\.bin is empty"),
+        (lambda p: p.unlink(), r"train\.bin is missing"),
+    ],
+    ids=["truncated", "odd_sized", "empty", "missing"],
+)
+def test_damaged_train_bin_is_refused_against_meta(tmp_path: Path, damage, message) -> None:
+    out = _shards(tmp_path)
+    assert resolve_data_dir(_Shards(out)) == out  # intact: accepted
+    damage(out / "train.bin")
+    with pytest.raises(DataError, match=message) as e:
+        resolve_data_dir(_Shards(out))
+    assert "python -m train.prepare" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unreadable_meta_json_is_refused(tmp_path: Path) -> None:
+    out = _shards(tmp_path)
+    (out / "meta.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"meta\.json is unreadable"):
+        resolve_data_dir(_Shards(out))
