@@ -228,22 +228,66 @@ def verify_files(ckpt: Path, index: dict, files: Iterable[str]) -> None:
             )
 
 
-def resolve(root: Path, spec: str) -> Path:
-    """``latest`` (the step named by ``root/latest``, else the newest committed step) or a path."""
-    if spec != "latest":
-        p = Path(spec)
-        if not p.exists():
-            raise CheckpointError(f"checkpoint.resume={spec!r}: no such checkpoint folder")
-        return p
+def committed_steps(root: Path) -> list[Path]:
+    """The committed ``step_*`` folders of ``root`` (their index.json exists), oldest first."""
+    return sorted(p for p in Path(root).glob("step_*") if (p / INDEX).exists())
+
+
+def _latest_of(root: Path) -> Path:
+    """The step ``root/latest`` names, which must be committed; without a ``latest`` file, the
+    newest committed step (the one ``latest`` would name)."""
+    committed = committed_steps(root)
     latest = root / LATEST
     if latest.exists():
-        target = root / latest.read_text().strip()
-        if (target / INDEX).exists():
+        name = latest.read_text(errors="replace").strip()
+        target = root / name
+        if name.startswith("step_") and "/" not in name and (target / INDEX).exists():
             return target
-    committed = sorted(p for p in root.glob("step_*") if (p / INDEX).exists())
+        newest = (
+            f"the newest committed checkpoint is {committed[-1]}: resume from it with "
+            f"checkpoint.resume={committed[-1]}"
+            if committed
+            else f"{root} holds no committed checkpoint"
+        )
+        raise CheckpointError(
+            f"{latest} names {name[:80]!r}, which is not a committed checkpoint of {root} "
+            f"(the file is damaged or the step was deleted); {newest}"
+        )
     if not committed:
         raise CheckpointError(
-            f"checkpoint.resume=latest but {root} holds no committed checkpoint; "
-            f"leave checkpoint.resume empty to start fresh"
+            f"{root} holds no committed checkpoint; use checkpoint.resume=auto to resume when "
+            f"there is one and start fresh otherwise"
         )
     return committed[-1]
+
+
+def has_checkpoints(root: Path) -> bool:
+    """Whether ``root`` holds a ``latest`` file or any committed step."""
+    return (Path(root) / LATEST).exists() or bool(committed_steps(root))
+
+
+def resolve(root: Path, spec: str) -> Path:
+    """The checkpoint folder ``checkpoint.resume=spec`` means.
+
+    ``spec`` is ``latest`` (the step ``root/latest`` names) or a path: a step folder, a
+    checkpoints folder (its ``latest``), or a ``latest`` file itself."""
+    if spec == LATEST:
+        return _latest_of(Path(root))
+    p = Path(spec)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint.resume={spec!r}: no such checkpoint folder or file")
+    if p.is_file():
+        if p.name == LATEST:
+            return _latest_of(p.parent)
+        raise CheckpointError(
+            f"checkpoint.resume={spec!r} is a file: give a step folder (step_*), a checkpoints "
+            f"folder, or its {LATEST} file"
+        )
+    if (p / INDEX).exists() or p.name.startswith("step_"):
+        return p  # an uncommitted step folder is refused by read_index, naming why
+    if has_checkpoints(p):
+        return _latest_of(p)
+    raise CheckpointError(
+        f"checkpoint.resume={spec!r} holds no checkpoint (no {INDEX}, {LATEST} or step_* "
+        f"folders): give a step folder, a checkpoints folder, or its {LATEST} file"
+    )

@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import threading
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -50,11 +51,13 @@ from checkpoint.format import (
     align,
     atomic_write,
     box_slices,
+    committed_steps,
     decode_tensor,
     dtype_from_name,
     dtype_name,
     encode_tensor,
     fsync_dir,
+    has_checkpoints,
     json_bytes,
     overlap,
     read_index,
@@ -65,6 +68,8 @@ from checkpoint.format import (
 )
 
 MODES = ("sync", "async", "lazy_async")
+FRESH = ("", "none")
+"""``checkpoint.resume`` values that mean a fresh start."""
 
 
 # -- what a rank holds ------------------------------------------------------------------------
@@ -185,6 +190,38 @@ def _latest_step(root: Path) -> int | None:
         return None
 
 
+def model_config_diff(saved: dict, now: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(field, saved value, current value)`` for every ``model.*`` field (nested keys
+    dotted) whose value differs between a saved config and the current one."""
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        a, b = saved.get(k, "<absent>"), now.get(k, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += model_config_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append((f"{prefix}{k}", a, b))
+    return out
+
+
+def earlier_valid_hint(ckpt: Path) -> str:
+    """``"; the newest valid earlier checkpoint is ...: resume with ..."``, found by verifying
+    every file of the earlier committed steps beside ``ckpt`` (newest first)."""
+    step = ckpt.name
+    for older in reversed(committed_steps(ckpt.parent)):
+        if older.name >= step:
+            continue
+        try:
+            index = read_index(older)
+            verify_files(older, index, index["manifest"])
+        except (CheckpointError, OSError, KeyError):
+            continue
+        return (
+            f"; the newest valid earlier checkpoint is {older}: resume from it with "
+            f"checkpoint.resume={older}"
+        )
+    return f"; no earlier valid checkpoint is in {ckpt.parent}"
+
+
 class Manager:
     """Checkpoint saving and resuming for one rank of a run.
 
@@ -214,7 +251,7 @@ class Manager:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         # Writes, fsync and the commit talk over their own gloo group so that they never
         # interleave with the training collectives (NCCL or gloo) of the main thread.
-        active = args.enabled or bool(args.resume)
+        active = args.enabled or args.resume not in (*FRESH, "auto")
         self.group = dist.new_group(backend="gloo") if self.world > 1 and active else None
         budget = int(getattr(args, "host_buffer_mb", 1024)) << 20
         self.engine = SnapshotEngine(budget, pin=torch.cuda.is_available())
@@ -229,6 +266,10 @@ class Manager:
         self.last_saved: int | None = None
         self.stats: list[dict] = []
         self._lock = threading.Lock()
+        self._target: tuple[Path | None] | None = None
+        # This run's identity, written into every index it commits; adopted from the
+        # checkpoint on resume. Retention deletes only checkpoints of this run.
+        self.run_id = uuid.uuid4().hex
 
     # -- attach / resume ----------------------------------------------------------------------
     def attach(
@@ -261,23 +302,53 @@ class Manager:
         adapter: CheckpointAdapter | None = None,
         extra: Any = None,
     ) -> int:
-        """Attach the training objects; load ``checkpoint.resume`` if set. Returns the step."""
+        """Attach the training objects; load what ``checkpoint.resume`` names, if anything.
+        Returns the step (0 on a fresh start)."""
         self.attach(model, optimizer, scheduler, train_loader, rng, adapter, extra)
-        spec = self.args.resume
-        if not spec:
+        ckpt = self.resume_target()
+        if ckpt is None:
             return 0
-        return self.load(resolve(self.root, spec))
+        return self.load(ckpt)
+
+    def resume_target(self) -> Path | None:
+        """The checkpoint this run resumes from, or None for a fresh start (resolved once).
+
+        ``auto`` resumes from ``latest`` when checkpointing is on and the checkpoint folder
+        holds one; a fresh start (``none``) into a folder that holds checkpoints is refused,
+        since its retention and ``latest`` would mix with theirs."""
+        if self._target is None:
+            self._target = (self._resolve_target(),)
+        return self._target[0]
+
+    def _resolve_target(self) -> Path | None:
+        spec, root = self.args.resume, self.root
+        if spec == "auto":
+            return resolve(root, "latest") if self.args.enabled and has_checkpoints(root) else None
+        if spec in FRESH:
+            if self.args.enabled and has_checkpoints(root):
+                newest = committed_steps(root)
+                raise CheckpointError(
+                    f"checkpoint.resume={spec or 'none'} starts fresh, but {root} already holds "
+                    f"checkpoints ({newest[-1].name if newest else 'a latest file'}) of a "
+                    f"run: resume it with checkpoint.resume=auto, or give this run its own "
+                    f"run.dir or checkpoint.dir"
+                )
+            return None
+        return resolve(root, spec)
 
     def saved_extra(self) -> Any:
-        """The family's extra state in the checkpoint ``checkpoint.resume`` names (None when
-        not resuming), read before the model exists: a family whose structure is state (DMT's
-        tower plan) builds from it."""
-        spec = self.args.resume
-        if not spec:
+        """The family's extra state in the checkpoint this run resumes from (None when not
+        resuming), read before the model exists: a family whose structure is state (DMT's
+        tower plan) builds from it. An unreadable file gives None here; ``load`` then names it
+        after verifying every file's hash."""
+        ckpt = self.resume_target()
+        if ckpt is None:
             return None
-        ckpt = resolve(self.root, spec)
-        index = read_index(ckpt)
-        return json.loads((ckpt / index["train_state"]).read_text()).get("extra")
+        try:
+            index = read_index(ckpt)
+            return json.loads((ckpt / index["train_state"]).read_text()).get("extra")
+        except (CheckpointError, OSError, ValueError, KeyError):
+            return None
 
     def due(self, step: int, final: bool = False) -> bool:
         if not self.args.enabled:
@@ -354,6 +425,11 @@ class Manager:
         self.wait()  # at most one checkpoint in flight
         chunks = self._chunks()
         step_dir = self.root / step_dir_name(step)
+        if (step_dir / INDEX).exists() and not self._own(step_dir):
+            raise CheckpointError(
+                f"{step_dir} is a committed checkpoint of another run: refusing to overwrite "
+                f"it; give this run its own checkpoint.dir (or run.dir)"
+            )
         shard_rel = f"shards/rank_{self.rank:05d}.bin"
         items, metas, nbytes = self._layout_shard(chunks, self._plan_writers(chunks), shard_rel)
         # Small host state is captured now (it changes in the next step).
@@ -507,6 +583,7 @@ class Manager:
             "step": step,
             "world_size": self.world,
             "layout": self.layout,
+            "run_id": self.run_id,
             "train_state": "train_state.json",
             "tensors": {n: tensors[n].to_json() for n in sorted(tensors)},
             "manifest": dict(sorted(manifest.items())),
@@ -517,11 +594,19 @@ class Manager:
         atomic_write(self.root / LATEST, (step_dir.name + "\n").encode())
         self._retain(step_dir)
 
+    def _own(self, step_dir: Path) -> bool:
+        """Whether ``step_dir`` was committed by this run (its index names our run id)."""
+        try:
+            return json.loads((step_dir / INDEX).read_text()).get("run_id") == self.run_id
+        except (OSError, ValueError):
+            return False
+
     def _retain(self, current: Path) -> None:
+        """Keep the newest ``keep_last`` checkpoints of this run; never touch another run's."""
         keep = self.args.keep_last
         if keep <= 0:
             return
-        committed = sorted(p for p in self.root.glob("step_*") if (p / INDEX).exists())
+        committed = [p for p in committed_steps(self.root) if self._own(p)]
         for old in committed[:-keep]:
             if old != current:
                 (old / INDEX).unlink(missing_ok=True)  # uncommit before deleting
@@ -570,13 +655,24 @@ class Manager:
         reads, error = self._match_chunks(ckpt, index, targets)
         if error is None:
             error = self._verify(ckpt, index, reads)
+            if error is not None:
+                error += earlier_valid_hint(ckpt)
         self._agree(error)
+        state = json.loads((ckpt / index["train_state"]).read_text())  # verified above
+        self._agree(self._incompatible(ckpt, index, state, targets))
         self._fill(ckpt, targets, reads)  # nothing below can fail on data
         set_model_state_dict(self.model, msd)
-        state = json.loads((ckpt / index["train_state"]).read_text())
         self._restore_optimizer(osd, state)
         self._restore_train_state(ckpt, index, state)
         self.last_committed = int(index["step"])
+        self.run_id = index.get("run_id") or self.run_id
+        if self.rank == 0:
+            print(
+                f"resuming at step {state['step']} from {ckpt} (saved on layout "
+                f"{index.get('layout')}, world size {index.get('world_size')}; now world size "
+                f"{self.world})",
+                flush=True,
+            )
         return int(state["step"])
 
     def _read_index(self, ckpt: Path) -> dict:
@@ -584,9 +680,42 @@ class Manager:
         try:
             index = read_index(ckpt)
         except CheckpointError as e:
-            error = str(e)
+            error = str(e) + earlier_valid_hint(ckpt)
         self._agree(error)
         return index
+
+    def _incompatible(
+        self, ckpt: Path, index: dict, state: dict, targets: list[LocalChunk]
+    ) -> str | None:
+        """Why this checkpoint would silently change the model, or None: a ``model.*`` field
+        of its saved config differs from the current one (outside ``allow_model_change``), or
+        it holds tensors that no rank of the current model has."""
+        allowed = {k.removeprefix("model.") for k in getattr(self.args, "allow_model_change", [])}
+        saved, now = (state.get("config") or {}).get("model"), self.config.get("model")
+        if saved is not None and now is not None:
+            diffs = [d for d in model_config_diff(saved, now) if d[0] not in allowed]
+            if diffs:
+                listed = "; ".join(f"model.{k}: saved {a!r}, now {b!r}" for k, a, b in diffs)
+                names = ",".join(k for k, _, _ in diffs)
+                return (
+                    f"{ckpt} was saved with a different model ({listed}): resume with the saved "
+                    f"values, or allow the change deliberately with "
+                    f"checkpoint.allow_model_change=[{names}]"
+                )
+        names = {t.name for t in targets}
+        if self.group is not None:
+            gathered: list = [None] * self.world
+            dist.all_gather_object(gathered, sorted(names), group=self.group)
+            names = set().union(*map(set, gathered))
+        extra = sorted(set(index["tensors"]) - names)
+        if extra:
+            shown = ", ".join(extra[:6]) + (f" and {len(extra) - 6} more" if len(extra) > 6 else "")
+            return (
+                f"{ckpt} holds {len(extra)} tensors the current model does not have ({shown}): "
+                f"loading would drop them silently; resume with the model the checkpoint was "
+                f"saved with"
+            )
+        return None
 
     @staticmethod
     def _match_chunks(

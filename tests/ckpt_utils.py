@@ -40,7 +40,8 @@ def make(seed: int = 0, width: int = 64) -> tuple[nn.Module, torch.optim.Optimiz
 
 
 def args(root, mode: str = "sync", **kw) -> CheckpointArgs:
-    return CheckpointArgs(enabled=True, mode=mode, dir=str(root), **kw)
+    kw.setdefault("enabled", True)
+    return CheckpointArgs(mode=mode, dir=str(root), **kw)
 
 
 def snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

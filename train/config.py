@@ -176,8 +176,15 @@ class CheckpointArgs:
     """Committed checkpoints to keep."""
     mode: str = "lazy_async"
     """``sync``, ``async`` or ``lazy_async``."""
-    resume: str = ""
-    """``latest``, a checkpoint path, or empty to start fresh."""
+    resume: str = "auto"
+    """``auto``: with checkpointing on, the newest committed checkpoint of ``checkpoint.dir``
+    if there is one, else a fresh start (one launch line serves the first start and every
+    restart). ``latest``: that checkpoint, which must exist. A path: a step folder, a
+    checkpoints folder, or its ``latest`` file. ``none`` (or empty): start fresh, refused when
+    ``checkpoint.dir`` already holds checkpoints."""
+    allow_model_change: list[str] = field(default_factory=list)
+    """``model.*`` fields that may differ from the checkpoint's saved config on resume (e.g.
+    ``[partition_warmup_steps]``); any other difference is refused, listing each field."""
     dir: str = ""
     """Folder of the step_* checkpoints and ``latest`` (empty = ``<run.dir>/checkpoints``)."""
     host_buffer_mb: int = 1024

@@ -27,7 +27,7 @@ def _ckpt_on(job: Any, dims: Any) -> bool:
 
 
 def _ckpt_or_resume(job: Any, dims: Any) -> bool:
-    return job.checkpoint.enabled or bool(job.checkpoint.resume)
+    return job.checkpoint.enabled or job.checkpoint.resume not in ("", "none", "auto")
 
 
 def _data(*names: str) -> Callable[[Any, Any], bool]:
@@ -51,6 +51,10 @@ DEPENDS: dict[str, Rule] = {
     "checkpoint.mode": (_ckpt_on, "checkpoint.enabled=true"),
     "checkpoint.host_buffer_mb": (_ckpt_on, "checkpoint.enabled=true"),
     "checkpoint.dir": (_ckpt_or_resume, "checkpoint.enabled=true or checkpoint.resume"),
+    "checkpoint.allow_model_change": (
+        _ckpt_or_resume,
+        "checkpoint.enabled=true or checkpoint.resume",
+    ),
     "logging.wandb_project": (lambda j, d: j.logging.wandb, "logging.wandb=true"),
     "data.prefetch": (lambda j, d: j.data.backend == "dali", "data.backend=dali"),
     "data.loader_threads": (lambda j, d: j.data.backend == "dali", "data.backend=dali"),

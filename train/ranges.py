@@ -9,6 +9,7 @@ The model families check their own ``model.*`` fields (``Family.validate``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -44,7 +45,9 @@ def _inside(v: float, lo: float, lo_in: bool, hi: float, hi_in: bool) -> bool:
 
 
 def check_ranges(job: Any) -> None:
-    """Raise ``ConfigError`` naming the first field of ``RANGES`` whose value is out of range."""
+    """Raise ``ConfigError`` naming the first field of ``RANGES`` whose value is out of range,
+    or an entry of ``checkpoint.allow_model_change`` that is no ``model.*`` field."""
+    _check_model_change_names(job)
     for key, (lo, lo_in, hi, hi_in, what) in RANGES.items():
         group, name = key.split(".", 1)
         value = getattr(getattr(job, group), name)
@@ -52,4 +55,17 @@ def check_ranges(job: Any) -> None:
             raise ConfigError(
                 f"{key}={value} is out of range: {what} must be in "
                 f"{_interval(lo, lo_in, hi, hi_in)}; set {key} to a value in that range"
+            )
+
+
+def _check_model_change_names(job: Any) -> None:
+    """A misspelt ``checkpoint.allow_model_change`` entry would allow nothing and then refuse
+    the resume it was meant to permit; name it now, with the model's fields."""
+    known = {f.name for f in dataclasses.fields(job.model)}
+    for entry in job.checkpoint.allow_model_change:
+        name = str(entry).removeprefix("model.")
+        if name not in known:
+            raise ConfigError(
+                f"checkpoint.allow_model_change names {entry!r}, which is no model.* field; "
+                f"use names from: {', '.join(sorted(known))}"
             )

@@ -219,7 +219,7 @@ class Trainer:
             job.logging.progress,
             job.logging.wandb_project if job.logging.wandb else None,
             OmegaConf.to_container(cfg) if job.logging.wandb else None,
-            append=bool(job.checkpoint.resume),
+            append=self.step > 0,
             unit=self.family.unit,
         )
 

@@ -78,7 +78,11 @@ def test_recsys_resume_on_another_topology(family, layout, uninterrupted, tmp_pa
     assert (ckpt / "index.json").exists()
     extra = [f"run.dir={tmp_path}", f"checkpoint.resume={ckpt}"]
     if family == "dmt":
-        extra.append("model.partition_warmup_steps=3")  # the plan must come from the checkpoint
+        # The plan must come from the checkpoint, not from a shorter warm-up now.
+        extra += [
+            "model.partition_warmup_steps=3",
+            "checkpoint.allow_model_change=[partition_warmup_steps]",
+        ]
     resumed = _run(family, layout, extra)
     want, got = full["losses"][4:], resumed["losses"]
     assert len(got) == 4
