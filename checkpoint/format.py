@@ -228,6 +228,16 @@ def verify_files(ckpt: Path, index: dict, files: Iterable[str]) -> None:
             )
 
 
+FRESH = ("", "none")
+"""``checkpoint.resume`` values that mean a fresh start."""
+
+
+def names_checkpoint(spec: str) -> bool:
+    """Whether ``checkpoint.resume=spec`` names a checkpoint that must exist (not a fresh
+    start, not ``auto``, which resumes only when checkpointing is on and one exists)."""
+    return spec not in (*FRESH, "auto")
+
+
 def committed_steps(root: Path) -> list[Path]:
     """The committed ``step_*`` folders of ``root`` (their index.json exists), oldest first."""
     return sorted(p for p in Path(root).glob("step_*") if (p / INDEX).exists())

@@ -42,6 +42,7 @@ from checkpoint.adapter import CheckpointAdapter
 from checkpoint.engine import SaveJob, SnapshotEngine, WriteItem, pause_point
 from checkpoint.format import (
     FORMAT,
+    FRESH,
     INDEX,
     LATEST,
     VERSION,
@@ -59,6 +60,7 @@ from checkpoint.format import (
     fsync_dir,
     has_checkpoints,
     json_bytes,
+    names_checkpoint,
     overlap,
     read_index,
     resolve,
@@ -68,8 +70,6 @@ from checkpoint.format import (
 )
 
 MODES = ("sync", "async", "lazy_async")
-FRESH = ("", "none")
-"""``checkpoint.resume`` values that mean a fresh start."""
 
 
 # -- what a rank holds ------------------------------------------------------------------------
@@ -251,7 +251,7 @@ class Manager:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         # Writes, fsync and the commit talk over their own gloo group so that they never
         # interleave with the training collectives (NCCL or gloo) of the main thread.
-        active = args.enabled or args.resume not in (*FRESH, "auto")
+        active = args.enabled or names_checkpoint(args.resume)
         self.group = dist.new_group(backend="gloo") if self.world > 1 and active else None
         budget = int(getattr(args, "host_buffer_mb", 1024)) << 20
         self.engine = SnapshotEngine(budget, pin=torch.cuda.is_available())

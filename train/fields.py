@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from checkpoint.format import names_checkpoint
 from models.errors import ConfigError
 
 Rule = tuple[Callable[[Any, Any], bool], str]
@@ -27,7 +28,7 @@ def _ckpt_on(job: Any, dims: Any) -> bool:
 
 
 def _ckpt_or_resume(job: Any, dims: Any) -> bool:
-    return job.checkpoint.enabled or job.checkpoint.resume not in ("", "none", "auto")
+    return job.checkpoint.enabled or names_checkpoint(job.checkpoint.resume)
 
 
 def _data(*names: str) -> Callable[[Any, Any], bool]:
