@@ -30,7 +30,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -204,28 +204,71 @@ def read_index(ckpt: Path) -> dict:
     return index
 
 
+class Damage(NamedTuple):
+    """One file failing its manifest check: ``kind`` is ``unlisted``, ``missing``, ``size``,
+    ``sha256`` or ``unreadable``; ``message`` names the file and what is wrong."""
+
+    rel: str
+    kind: str
+    message: str
+
+
+def file_damage(ckpt: Path, index: dict, rel: str) -> Damage | None:
+    """Check one file's presence, size and sha256 against the manifest; None when it matches."""
+    path = Path(ckpt) / rel
+    entry = index["manifest"].get(rel)
+    if entry is None:
+        return Damage(rel, "unlisted", f"{path} is not listed in the manifest of {ckpt}/{INDEX}")
+    if not path.exists():
+        return Damage(rel, "missing", f"{path} is missing (listed in {ckpt}/{INDEX})")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        return Damage(
+            rel,
+            "size",
+            f"{path} is truncated or padded: {size} bytes, manifest says {entry['bytes']}",
+        )
+    digest = sha256_file(path)
+    if digest != entry["sha256"]:
+        return Damage(
+            rel,
+            "sha256",
+            f"{path} is corrupt: sha256 {digest[:16]}... != manifest {entry['sha256'][:16]}...",
+        )
+    return None
+
+
 def verify_files(ckpt: Path, index: dict, files: Iterable[str]) -> None:
     """Check size and sha256 of ``files`` against the manifest; raise naming the first bad one."""
-    manifest = index["manifest"]
     for rel in sorted(set(files)):
-        path = Path(ckpt) / rel
-        entry = manifest.get(rel)
-        if entry is None:
-            raise CheckpointError(f"{path} is not listed in the manifest of {ckpt}/{INDEX}")
-        if not path.exists():
-            raise CheckpointError(f"{path} is missing (listed in {ckpt}/{INDEX})")
-        size = path.stat().st_size
-        if size != entry["bytes"]:
-            raise CheckpointError(
-                f"{path} is truncated or padded: {size} bytes, manifest says {entry['bytes']}; "
-                f"refusing to load this checkpoint"
-            )
-        digest = sha256_file(path)
-        if digest != entry["sha256"]:
-            raise CheckpointError(
-                f"{path} is corrupt: sha256 {digest[:16]}... != manifest {entry['sha256'][:16]}...; "
-                f"refusing to load this checkpoint"
-            )
+        damage = file_damage(ckpt, index, rel)
+        if damage is None:
+            continue
+        refuse = "; refusing to load this checkpoint" if damage.kind in ("size", "sha256") else ""
+        raise CheckpointError(damage.message + refuse)
+
+
+def referenced_files(ckpt: Path, index: dict) -> set[str]:
+    """Every file a checkpoint consists of: its manifest, its train state and its chunks' files."""
+    try:
+        chunks = {c["file"] for t in index["tensors"].values() for c in t["chunks"]}
+        return set(index["manifest"]) | {index["train_state"]} | chunks
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{ckpt}/{INDEX} is malformed (missing or bad field {e})") from e
+
+
+def _readable_damage(ckpt: Path, index: dict, rel: str) -> Damage | None:
+    """``file_damage``, reporting a file that cannot be read as damage rather than raising."""
+    try:
+        return file_damage(ckpt, index, rel)
+    except OSError as e:
+        return Damage(rel, "unreadable", f"{Path(ckpt) / rel} cannot be read ({e.strerror})")
+
+
+def checkpoint_damage(ckpt: Path, index: dict) -> list[Damage]:
+    """Every damaged file of ``ckpt`` (not only the first), sorted by path."""
+    found = (_readable_damage(ckpt, index, rel) for rel in sorted(referenced_files(ckpt, index)))
+    return [d for d in found if d is not None]
 
 
 FRESH = ("", "none")
@@ -269,6 +312,21 @@ def _latest_of(root: Path) -> Path:
             f"there is one and start fresh otherwise"
         )
     return committed[-1]
+
+
+def newest_clean_before(ckpt: Path) -> Path | None:
+    """The newest committed step of ``ckpt``'s checkpoints folder older than ``ckpt`` whose
+    every file verifies, or None."""
+    ckpt = Path(ckpt)
+    for older in reversed(committed_steps(ckpt.parent)):
+        if older.name >= ckpt.name:
+            continue
+        try:
+            if not checkpoint_damage(older, read_index(older)):
+                return older
+        except (CheckpointError, OSError):
+            continue
+    return None
 
 
 def has_checkpoints(root: Path) -> bool:

@@ -61,6 +61,7 @@ from checkpoint.format import (
     has_checkpoints,
     json_bytes,
     names_checkpoint,
+    newest_clean_before,
     overlap,
     read_index,
     resolve,
@@ -206,20 +207,13 @@ def model_config_diff(saved: dict, now: dict, prefix: str = "") -> list[tuple[st
 def earlier_valid_hint(ckpt: Path) -> str:
     """``"; the newest valid earlier checkpoint is ...: resume with ..."``, found by verifying
     every file of the earlier committed steps beside ``ckpt`` (newest first)."""
-    step = ckpt.name
-    for older in reversed(committed_steps(ckpt.parent)):
-        if older.name >= step:
-            continue
-        try:
-            index = read_index(older)
-            verify_files(older, index, index["manifest"])
-        except (CheckpointError, OSError, KeyError):
-            continue
-        return (
-            f"; the newest valid earlier checkpoint is {older}: resume from it with "
-            f"checkpoint.resume={older}"
-        )
-    return f"; no earlier valid checkpoint is in {ckpt.parent}"
+    older = newest_clean_before(ckpt)
+    if older is None:
+        return f"; no earlier valid checkpoint is in {ckpt.parent}"
+    return (
+        f"; the newest valid earlier checkpoint is {older}: resume from it with "
+        f"checkpoint.resume={older}"
+    )
 
 
 class Manager:
