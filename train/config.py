@@ -127,6 +127,10 @@ class ParallelArgs:
     """Process-group backend: ``auto`` (nccl with CUDA, gloo otherwise), ``gloo``, ``nccl``."""
     timeout_s: float = 600.0
     """Collective timeout: a dead or mismatched rank fails after this long instead of hanging."""
+    hang_timeout_s: float = 300.0
+    """Hang watchdog: a rank without progress for this long writes its threads' stacks to
+    ``run.dir/hang/rank_N.txt``, names the rank that fell behind, and ends the job (exit 3).
+    Below ``timeout_s``; 0 disables it. Single-process runs have no watchdog."""
 
 
 @dataclass

@@ -72,6 +72,7 @@ DEPENDS: dict[str, Rule] = {
     "parallel.sequence_parallel_norms": (lambda j, d: d.tp > 1, "parallel.tp > 1"),
     "parallel.allow_cross_host_tp": (lambda j, d: d.tp > 1, "parallel.tp > 1"),
     "parallel.timeout_s": (lambda j, d: d.world_size > 1, "more than one rank"),
+    "parallel.hang_timeout_s": (lambda j, d: d.world_size > 1, "more than one rank"),
 }
 
 

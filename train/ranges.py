@@ -29,6 +29,7 @@ RANGES: dict[str, tuple[float, bool, float, bool, str]] = {
     "train.eval_batches": (1, True, math.inf, False, "validation batches"),
     "train.max_time_s": (0.0, True, math.inf, False, "the time limit (0 = none)"),
     "parallel.timeout_s": (0.0, False, math.inf, False, "the collective timeout in seconds"),
+    "parallel.hang_timeout_s": (0.0, True, math.inf, False, "the hang watchdog (0 = off)"),
     "checkpoint.keep_last": (0, True, math.inf, False, "checkpoints kept (0 = all)"),
     "logging.every": (1, True, math.inf, False, "steps between metrics lines"),
 }
@@ -56,6 +57,17 @@ def check_ranges(job: Any) -> None:
                 f"{key}={value} is out of range: {what} must be in "
                 f"{_interval(lo, lo_in, hi, hi_in)}; set {key} to a value in that range"
             )
+    _check_hang_below_timeout(job.parallel)
+
+
+def _check_hang_below_timeout(p: Any) -> None:
+    """The watchdog must fire before the collective timeout, or it never does."""
+    if p.hang_timeout_s and p.hang_timeout_s >= p.timeout_s:
+        raise ConfigError(
+            f"parallel.hang_timeout_s={p.hang_timeout_s:g} must be below parallel.timeout_s="
+            f"{p.timeout_s:g} (the collective timeout would fire first): lower it, or set 0 to "
+            f"turn the watchdog off"
+        )
 
 
 def _check_model_change_names(job: Any) -> None:

@@ -39,6 +39,15 @@ from train.kernels import apply_fused_rmsnorm, build_apex_fused_adam, describe_k
 from train.metrics import MetricsLogger, plot_loss
 from train.optional import check_optional_packages
 from train.ranges import check_ranges
+from train.runlock import RunDirBusy, RunLocks
+from train.signals import (
+    Preempted,
+    PreemptionFlag,
+    agent_of_this_process,
+    clear_marker,
+    write_marker,
+)
+from train.watchdog import HangWatchdog
 
 
 @dataclass
@@ -186,8 +195,18 @@ class Trainer:
         self.device = self._init_distributed()
         self.is_rank0 = plan.rank == 0
         self.run_dir = Path(job.run.dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.locks = RunLocks()
+        self._lock_dirs()
+        try:
+            self._build(cfg)
+        except BaseException:
+            self.locks.release()
+            raise
+
+    def _build(self, cfg: DictConfig) -> None:
+        job = self.job
         if self.is_rank0:
+            clear_marker(self.run_dir)  # a new launch: an earlier preemption is resumed now
             OmegaConf.save(cfg, self.run_dir / "config.yaml")
         self.ckpt = Manager(
             job.checkpoint,
@@ -222,11 +241,41 @@ class Trainer:
             append=self.step > 0,
             unit=self.family.unit,
         )
+        self.preempt = PreemptionFlag()
+        hang_s = job.parallel.hang_timeout_s if self.distributed else 0.0
+        self.watchdog = HangWatchdog(self.run_dir, self.plan.rank, self.dims.world_size, hang_s)
 
     # -- set-up -------------------------------------------------------------------------------
     @property
     def distributed(self) -> bool:
         return self.dims.world_size > 1
+
+    def _lock_targets(self) -> list[tuple[Path, str]]:
+        dirs = [(self.run_dir, "run.dir")]
+        ckpt = self.job.checkpoint
+        if ckpt.dir and ckpt.enabled:
+            root = Path(ckpt.dir).resolve()
+            if not root.is_relative_to(self.run_dir.resolve()):
+                dirs.append((root, "checkpoint.dir"))
+        return dirs
+
+    def _lock_dirs(self) -> None:
+        """Rank 0 takes the run (and checkpoint) directory locks; every rank learns the
+        result, so a second job on the same folders stops whole, naming the holder."""
+        error = None
+        if self.is_rank0:
+            try:
+                self.locks.acquire(self._lock_targets())
+            except RunDirBusy as exc:
+                error = str(exc)
+        else:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.distributed:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise RunDirBusy(error)
 
     def _init_distributed(self) -> torch.device:
         p = self.job.parallel
@@ -245,12 +294,16 @@ class Trainer:
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step: forward/backward over the global batch, reduction, clipping,
         update. Returns (this rank's loss, the global gradient norm)."""
-        family, model = self.family, self.model
+        family, model, beat = self.family, self.model, self.watchdog.beat
         self.optimizer.zero_grad(set_to_none=True)
         family.step = self.step
+        beat(self.step, "forward_backward")
         loss = family.forward_backward(model, self.train_loader.next_batch())
+        beat(self.step, "reduce_gradients")
         family.reduce_gradients(model)
+        beat(self.step, "checkpoint snapshot wait")
         self.ckpt.wait_before_update()  # a lazy snapshot must be on the host before weights change
+        beat(self.step, "optimizer step")
         if getattr(self.optimizer, "owns_grad_clip", False):
             self.optimizer.step()  # offload: global norm, clip and overflow skip inside
             grad_norm = self.optimizer.last_grad_norm
@@ -298,23 +351,73 @@ class Trainer:
         )
         self.metrics.write(describe_kernels(self.job, self.fused_norms))
 
+    def _preempt_signal(self) -> int:
+        """The preemption signal any rank received (0: none); all ranks agree."""
+        flag = torch.tensor([self.preempt.signum or 0], device=self.device)
+        if self.distributed:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def _stop_preempted(self, signum: int) -> None:
+        """Checkpoint the current step, record the preemption, and raise ``Preempted``."""
+        import signal as _signal
+
+        name = _signal.Signals(signum).name
+        self.watchdog.beat(self.step, f"preemption checkpoint ({name})")
+        if self.job.checkpoint.enabled:
+            if self.ckpt.last_saved != self.step:
+                self.ckpt.save_async(self.step)
+            self.ckpt.finalize()
+            saved = f"checkpoint of step {self.step} saved in {self.ckpt.root}"
+        else:
+            saved = "checkpoint.enabled=false, so nothing was saved and a relaunch starts over"
+        agents = [agent_of_this_process()]
+        if self.distributed:
+            agents = [None] * self.dims.world_size
+            dist.all_gather_object(agents, agent_of_this_process())
+        if self.is_rank0:
+            write_marker(self.run_dir, self.step, name, agents)
+        raise Preempted(
+            f"preempted by {name} at step {self.step}: {saved}; relaunch the same command to "
+            f"resume (launch/slurm.sbatch requeues)"
+        )
+
     def fit(self) -> dict:
-        """Train ``train.steps`` steps; returns the last logged record and the final metrics."""
-        t = self.job.train
+        """Train ``train.steps`` steps; returns the last logged record and the final metrics.
+
+        SIGTERM/SIGUSR1 during the loop checkpoint the current step and raise ``Preempted``;
+        a rank without progress for ``parallel.hang_timeout_s`` ends the job (watchdog)."""
+        self.preempt.install()
+        self.watchdog.start()
+        try:
+            return self._fit()
+        finally:
+            self.watchdog.stop()
+            self.preempt.restore()
+
+    def _fit(self) -> dict:
+        t, beat = self.job.train, self.watchdog.beat
         self._header()
         start, last = time.perf_counter(), {}
         while self.step < t.steps:
             t0 = time.perf_counter()
             loss, grad_norm = self.train_step()
+            beat(self.step, "logging")
             if self._should_log():
                 last = self._record(loss, grad_norm, time.perf_counter() - t0, start)
             if self.ckpt.due(self.step):
+                beat(self.step, "checkpoint save")
                 self.ckpt.save_async(self.step)
+            signum = self._preempt_signal()
+            if signum:
+                self._stop_preempted(signum)
             if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
+                beat(self.step, "evaluation")
                 self.metrics.log({"step": self.step, **self.evaluate()})
             if t.max_time_s and time.perf_counter() - start > t.max_time_s:
                 self.metrics.write(f"stopping at step {self.step}: train.max_time_s reached")
                 break
+        beat(self.step, "final checkpoint and evaluation")
         if self.ckpt.due(self.step, final=True) and self.ckpt.last_saved != self.step:
             self.ckpt.save_async(self.step)
         final = self.evaluate()
@@ -327,6 +430,7 @@ class Trainer:
         return {**last, **final}
 
     def close(self) -> None:
+        self.watchdog.stop()
         self.ckpt.finalize()
         self.metrics.close()
         if self.is_rank0 and self.job.logging.plot and self.metrics.path.exists():
@@ -334,4 +438,6 @@ class Trainer:
         if dist.is_initialized():
             # Leave together: a rank that exits while a peer still talks to it aborts the peer.
             dist.barrier()
+        self.locks.release()
+        if dist.is_initialized():
             dist.destroy_process_group()

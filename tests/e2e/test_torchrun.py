@@ -10,21 +10,11 @@ from pathlib import Path
 import pytest
 
 from tests.distributed.harness import free_port
+from tests.launch_utils import TINY
 from train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMON = [
-    "train.steps=5",
-    "train.seed=0",
-    "train.seq_len=32",
-    "train.eval_every=0",
-    "train.eval_batches=1",
-    "logging.every=1",
-    "logging.progress=false",
-    "logging.plot=false",
-    "model.dim=64",
-    "model.n_layers=2",
-]
+COMMON = ["train.steps=5", *TINY]
 
 
 def _env() -> dict[str, str]:
