@@ -168,6 +168,7 @@ class SnapshotEngine:
         self.pin = pin
         self.ring: HostRing | None = None
         self.writer: ShardWriter = writer or FileWriter()
+        self._threads: list[threading.Thread] = []
 
     def reserve(self, total: int) -> None:
         """Allocate and pre-fault the host ring for a state of ``total`` bytes in a background
@@ -182,6 +183,7 @@ class SnapshotEngine:
 
         self._reserving = threading.Thread(target=work, daemon=True, name="ckpt-reserve")
         self._reserving.start()
+        self._threads.append(self._reserving)
 
     def _ring_for(self, total: int) -> HostRing:
         reserving = getattr(self, "_reserving", None)
@@ -205,11 +207,24 @@ class SnapshotEngine:
         writer = threading.Thread(
             target=self._write, args=(job, ring, pieces), daemon=True, name="ckpt-write"
         )
+        self._threads = [t for t in self._threads if t.is_alive()]
         writer.start()
+        self._threads.append(writer)
         if lazy:
             copier.start()
+            self._threads.append(copier)
         else:
             self._copy(job, ring, pieces, piece_max)
+
+    def join(self) -> None:
+        """Wait for every background thread to leave: a daemon thread still inside a torch
+        C++ call (fill_, copy_, a gloo collective) when the interpreter finalizes is killed by
+        pthread_exit in take_gil, which unwinds through a noexcept frame: std::terminate,
+        "terminate called without an active exception", SIGABRT."""
+        for t in self._threads:
+            t.join()
+        self._threads.clear()
+        self._reserving = None
 
     def _copy(self, job: SaveJob, ring: HostRing, pieces: queue.Queue, piece_max: int) -> None:
         _background_priority()

@@ -632,7 +632,10 @@ class Manager:
 
     def finalize(self) -> None:
         """Flush: wait for the in-flight checkpoint's commit (call at exit on every rank)."""
-        self.wait()
+        try:
+            self.wait()
+        finally:
+            self.engine.join()  # no checkpoint thread may outlive the trainer
 
     # -- load ---------------------------------------------------------------------------------
     def load(self, ckpt: Path) -> int:

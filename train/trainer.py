@@ -39,6 +39,7 @@ from train.kernels import apply_fused_rmsnorm, build_apex_fused_adam, describe_k
 from train.metrics import MetricsLogger, plot_loss
 from train.optional import check_optional_packages
 from train.ranges import check_ranges
+from train.rendezvous import init_process_group
 from train.runlock import RunDirBusy, RunLocks
 from train.signals import (
     Preempted,
@@ -285,7 +286,7 @@ class Trainer:
             torch.cuda.set_device(device)
         if self.distributed and not dist.is_initialized():
             backend = p.backend if p.backend != "auto" else ("nccl" if use_cuda else "gloo")
-            dist.init_process_group(backend, timeout=timedelta(seconds=p.timeout_s))
+            init_process_group(backend, timedelta(seconds=p.timeout_s))
         if self.distributed:
             self.dims.build_mesh(device.type)
         return device

@@ -197,3 +197,15 @@ def test_bad_mode_rejected() -> None:
 
     with pytest.raises(CheckpointError, match=r"checkpoint\.mode='fast'.*lazy_async"):
         validate_checkpoint_args(CheckpointArgs(mode="fast"))
+
+
+@pytest.mark.parametrize("mode", ["lazy_async", "async"])
+def test_finalize_leaves_no_engine_thread_running(tmp_path: Path, mode: str) -> None:
+    """A daemon thread still inside torch C++ code at interpreter exit aborts the process
+    ("terminate called without an active exception"): finalize joins them all."""
+    import threading
+
+    _, _, mgr = _saved(tmp_path, steps=(1, 2), mode=mode)
+    left = [t.name for t in threading.enumerate() if t.name.startswith("ckpt-")]
+    assert left == []
+    assert mgr.engine._threads == []  # joined, not merely finished by chance
