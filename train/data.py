@@ -28,6 +28,8 @@ import torch
 from models.errors import DataError
 
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+BYTE_VOCAB = 256
+"""Vocabulary of byte-level shards (the stdlib corpus, ``--tokenizer bytes``)."""
 
 
 # -- shards on disk ----------------------------------------------------------------------------
@@ -92,7 +94,7 @@ def prepare_stdlib(out: Path, max_bytes: int, val_fraction: float) -> Path:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [f for f in collect_text_files([root]) if "site-packages" not in f.parts]
     train, val = split_bytes(files, root, val_fraction, max_bytes)
-    write_shards(out, train, val, 256, f"python-stdlib:{root}")
+    write_shards(out, train, val, BYTE_VOCAB, f"python-stdlib:{root}")
     return out
 
 

@@ -206,6 +206,8 @@ class Trainer:
 
     def _build(self, cfg: DictConfig) -> None:
         job = self.job
+        for key, value in self.family.resolved_config().items():
+            OmegaConf.update(cfg, key, value)
         if self.is_rank0:
             clear_marker(self.run_dir)  # a new launch: an earlier preemption is resumed now
             OmegaConf.save(cfg, self.run_dir / "config.yaml")

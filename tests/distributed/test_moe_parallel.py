@@ -29,7 +29,7 @@ def _job(router: str):
 
     job = JobConfig()
     job.model = m = MoEArgs()
-    m.dim, m.n_layers, m.n_heads, m.n_kv_heads = 32, 2, 2, 1
+    m.vocab_size, m.dim, m.n_layers, m.n_heads, m.n_kv_heads = 256, 32, 2, 2, 1
     m.n_experts, m.top_k, m.router, m.aux_loss_coef = E, 2, router, 0.1
     job.train.seq_len, job.train.seed = S, 3
     job.optim.lr, job.optim.impl = LR, "foreach"

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from models.errors import ConfigError
 from train.data import DataError, TokenLoader, TokenShards, resolve_data_dir, write_shards
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,3 +125,53 @@ def test_unreadable_meta_json_is_refused(tmp_path: Path) -> None:
     (out / "meta.json").write_text("{not json")
     with pytest.raises(DataError, match=r"meta\.json is unreadable"):
         resolve_data_dir(_Shards(out))
+
+
+def test_vocab_size_comes_from_meta_json_and_a_smaller_one_is_refused(tmp_path, monkeypatch):
+    """model.vocab_size=0 (the default) takes the data's vocabulary; one below it is refused
+    naming both (ids would index past the embedding); a larger one is padding."""
+    from train.cli import load_config
+    from train.trainer import plan_run
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    data = tmp_path / "shards"
+    toks = np.arange(4096, dtype=np.uint16) % 300
+    write_shards(data, toks, toks[:512], 300, "test")
+    base = [
+        f"data.path={data}",
+        "data.name=shards",
+        "model.dim=32",
+        "model.n_layers=1",
+        "train.seq_len=16",
+        "train.global_batch_size=4",
+        "train.micro_batch_size=2",
+    ]
+    job, _ = load_config(base)
+    assert job.model.vocab_size == 0
+    plan_run(job)
+    assert job.model.vocab_size == 300
+    job, _ = load_config([*base, "model.vocab_size=256"])
+    with pytest.raises(
+        ConfigError,
+        match=r"model.vocab_size=256 is below the data's vocabulary "
+        r"of 300 \(.*meta.json\)",
+    ):
+        plan_run(job)
+    job, _ = load_config([*base, "model.vocab_size=320"])
+    plan_run(job)
+    assert job.model.vocab_size == 320
+    assert json.loads((data / "meta.json").read_text())["vocab_size"] == 300
+
+
+def test_bits_per_byte_uses_the_recorded_text_bytes():
+    from train.families.gpt import tokens_per_byte
+
+    assert tokens_per_byte({"vocab_size": 256, "tokenizer": "bytes", "val_tokens": 10}, "val") == 1
+    bpe = {
+        "vocab_size": 512,
+        "tokenizer": {"kind": "hf", "name": "t.json"},
+        "val_tokens": 250,
+        "text_bytes": {"val": 1000},
+    }
+    assert tokens_per_byte(bpe, "val") == 0.25  # 4 bytes per token
+    assert tokens_per_byte({**bpe, "text_bytes": {}}, "val") is None  # not recorded: not guessed

@@ -48,6 +48,11 @@ class Family:
     def validate(self) -> None:
         """Raise a one-line ``ConfigError`` / ``LayoutError`` / ``DataError`` for bad input."""
 
+    def resolved_config(self) -> dict[str, Any]:
+        """Config values ``validate`` derived (e.g. ``model.vocab_size`` from the data), written
+        into the saved config so a checkpoint records what was built."""
+        return {}
+
     def prepare(self) -> None:
         """Prepare or check the data before launch (e.g. tokenize the stdlib corpus once)."""
 

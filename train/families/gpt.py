@@ -14,8 +14,10 @@ global positions; ``self.seq_slice`` is that slice, computed once here for every
 
 from __future__ import annotations
 
+import math
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -34,7 +36,7 @@ from parallelism.tensor_parallel import tp_loss_context, validate_tensor_paralle
 from parallelism.ulysses import sequence_slice, validate_ulysses
 from parallelism.utils import all_reduce_mean
 from train.config import ModelArgs
-from train.data import TokenShards, micro_batch_offset, resolve_data_dir
+from train.data import BYTE_VOCAB, TokenShards, micro_batch_offset, read_meta, resolve_data_dir
 from train.families.base import Family
 from train.loaders import build_token_loader
 
@@ -46,8 +48,10 @@ class GPTArgs(ModelArgs):
     """A Llama-style decoder (``model=gpt_tiny``, ``model=gpt_small``)."""
 
     name: str = "gpt"
-    vocab_size: int = 256
-    """Vocabulary size (256 for the byte-level corpus)."""
+    vocab_size: int = 0
+    """Vocabulary size; 0 takes it from the data's ``meta.json`` (256 for the byte-level
+    corpus). A value below the data's is refused; a larger one is padding (e.g. 50304 for
+    GPT-2's 50257) whose rows no token reaches."""
     dim: int = 128
     """Hidden size."""
     n_layers: int = 4
@@ -70,6 +74,24 @@ class GPTArgs(ModelArgs):
     """Share the token embedding and the output projection."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation of linear and embedding weights."""
+
+
+def tokens_per_byte(meta: dict, split: str) -> float | None:
+    """Tokens per UTF-8 byte of the source text of ``split`` (1 for byte-level shards), from
+    ``meta.json``; None when the shards do not record their text bytes."""
+    tokens, text = meta.get(f"{split}_tokens"), (meta.get("text_bytes") or {}).get(split)
+    if tokens and text:
+        return tokens / text
+    return 1.0 if tokenizer_of(meta)[0] == "bytes" else None
+
+
+def tokenizer_of(meta: dict) -> tuple[str, str]:
+    """(kind, name) of the tokenizer ``meta.json`` records: a ``{kind, name, ...}`` record, or
+    the older plain string (``"bytes"``)."""
+    tok = meta.get("tokenizer") or ("bytes" if meta.get("vocab_size") == BYTE_VOCAB else "?")
+    if isinstance(tok, str):
+        return tok, tok
+    return str(tok.get("kind", "?")), str(tok.get("name", tok.get("kind", "?")))
 
 
 def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -108,6 +130,25 @@ class GPTFamily(Family):
         fields = self.config_cls.__dataclass_fields__
         return self.config_cls(**{k: getattr(m, k) for k in fields if hasattr(m, k)})
 
+    def _resolve_vocab(self) -> None:
+        """``model.vocab_size`` from the data's ``meta.json`` (0), or checked against it."""
+        m, data = self.job.model, self.job.data
+        meta = {"vocab_size": BYTE_VOCAB} if data.name == "stdlib" else read_meta(Path(data.path))
+        have = int(meta["vocab_size"])
+        if m.vocab_size == 0:
+            m.vocab_size = have
+        elif m.vocab_size < have:
+            where = f"{Path(data.path) / 'meta.json'}, tokenizer {tokenizer_of(meta)[1]}"
+            source = "the byte-level stdlib corpus" if data.name == "stdlib" else where
+            raise ConfigError(
+                f"model.vocab_size={m.vocab_size} is below the data's vocabulary of {have} "
+                f"({source}): token ids up to {have - 1} would index past the embedding; "
+                f"remove the override (model.vocab_size=0 takes it from meta.json) or set >= {have}"
+            )
+
+    def resolved_config(self) -> dict[str, Any]:
+        return {"model.vocab_size": self.job.model.vocab_size}
+
     def validate(self) -> None:
         job, dims = self.job, self.dims
         if job.data.name not in TOKEN_DATA:
@@ -115,6 +156,7 @@ class GPTFamily(Family):
                 f"data.name={job.data.name!r} cannot feed model.name={self.name}: use data=stdlib "
                 "or data=shards"
             )
+        self._resolve_vocab()
         cfg = self.model_config()  # dim % n_heads, n_heads % n_kv_heads
         if job.train.seq_len > cfg.max_seq_len:
             raise LayoutError(
@@ -275,4 +317,9 @@ class GPTFamily(Family):
                     x, y, pos = self._local(x, y)
                     losses.append(self.loss(self._forward(model, k, x, pos), y, vocab).item())
         model.train()
-        return {"val_loss": all_reduce_mean(sum(losses) / len(losses), self.loss_group())}
+        loss = all_reduce_mean(sum(losses) / len(losses), self.loss_group())
+        out = {"val_loss": loss}
+        per_byte = tokens_per_byte(read_meta(self.data_dir), "val")
+        if per_byte is not None:  # comparable across tokenizers
+            out["val_bits_per_byte"] = loss / math.log(2) * per_byte
+        return out
