@@ -1,11 +1,12 @@
 """Run layouts of the matrix (``tests.matrix.layouts``) against the single process.
 
 Each valid layout runs the real ``Trainer`` for ``STEPS`` steps; all layouts of one world size
-share one spawn of gloo ranks (``tests.distributed.harness``), one after the other. The single
-process runs once per distinct (family, global batch, global micro-batch) in this process. A
-layout passes when every logged loss and the final validation loss equal the reference's (rel
-1e-5) and every final weight does (``close_weights``: 1e-4). Each invalid layout must fail ``plan_run`` before any process
-group exists, with a one-line error that contains ``expected_error``'s text.
+share a spawn of gloo ranks (``tests.distributed.harness``) per ``LAYOUTS_PER_SPAWN``, one
+after the other. The single process runs once per distinct (family, global batch, global
+micro-batch) in this process. A layout passes when every logged loss and the final validation
+loss equal the reference's (rel 1e-5) and every final weight does (``close_weights``: 1e-4).
+Each invalid layout must fail ``plan_run`` before any process group exists, with a one-line
+error that contains ``expected_error``'s text.
 """
 
 from __future__ import annotations
@@ -208,10 +209,35 @@ def check_invalid(lay: Layout, base: list[str], tmp: str, cache: dict | None = N
     return Outcome(lay, False, time.perf_counter() - t0, detail="no error", expected=want)
 
 
-def run_valid(layouts: list[Layout], tmp: str) -> list[Outcome]:
-    """Every valid layout against its single-process reference, one spawn per world size."""
+LAYOUTS_PER_SPAWN = 8
+"""Layouts one spawn of ranks trains in turn. Each layout's process groups, DeviceMeshes and
+gloo threads are not all freed when it ends (destroying the groups it made does not release
+them while DTensor/FSDP caches hold references): one long-lived rank that trained ~250 layouts
+held ~1160 threads and slowed to minutes per step (5 layouts: 56 threads). A fresh spawn every
+8 layouts bounds that, for ~4 s of forkserver start-up each."""
+
+
+def _run_chunk(world: int, chunk: list[Layout], refs: list[dict], base: list[str], tmp: str):
     from tests.distributed.harness import run_on_ranks
 
+    # A layout on 8 ranks takes 20-45 s on 2 cores (cold DTensor sharding propagation for
+    # each new mesh), more beside other jobs: 60 s each bounds the spawn, not a layout.
+    timeout_s = 120 + 60 * len(chunk)
+    results = run_on_ranks(run_world, world, chunk, base, tmp, timeout_s=timeout_s)
+    outcomes = []
+    for i, (lay, ref) in enumerate(zip(chunk, refs)):
+        if i >= len(results[0]):
+            outcomes.append(Outcome(lay, False, 0.0, detail="not run: an earlier layout failed"))
+            continue
+        seconds = max(r[i][0] for r in results if i < len(r))
+        per_rank = [r[i][1] if i < len(r) else "missing" for r in results]
+        outcomes.append(compare(lay, seconds, per_rank, ref))
+    return outcomes
+
+
+def run_valid(layouts: list[Layout], tmp: str) -> list[Outcome]:
+    """Every valid layout against its single-process reference, ``LAYOUTS_PER_SPAWN`` layouts
+    per spawn of ranks."""
     base = base_overrides(str(Path(tmp) / "data"))
     cache: dict = {}
     outcomes: list[Outcome] = []
@@ -221,17 +247,7 @@ def run_valid(layouts: list[Layout], tmp: str) -> list[Outcome]:
         if world == 1:  # the layout is the reference itself: nothing to compare
             outcomes += [Outcome(lay, True, 0.0, 0.0, 0.0, detail="reference") for lay in group]
             continue
-        # A layout on 8 ranks takes 20-45 s on 2 cores (cold DTensor sharding propagation for
-        # each new mesh), more beside other jobs: 60 s each bounds the group, not a layout.
-        timeout_s = 120 + 60 * len(group)
-        results = run_on_ranks(run_world, world, group, base, tmp, timeout_s=timeout_s)
-        for i, (lay, ref) in enumerate(zip(group, refs)):
-            if i >= len(results[0]):
-                outcomes.append(
-                    Outcome(lay, False, 0.0, detail="not run: an earlier layout failed")
-                )
-                continue
-            seconds = max(r[i][0] for r in results if i < len(r))
-            per_rank = [r[i][1] if i < len(r) else "missing" for r in results]
-            outcomes.append(compare(lay, seconds, per_rank, ref))
+        for start in range(0, len(group), LAYOUTS_PER_SPAWN):
+            end = start + LAYOUTS_PER_SPAWN
+            outcomes += _run_chunk(world, group[start:end], refs[start:end], base, tmp)
     return outcomes
