@@ -94,6 +94,7 @@ def read_text(path: Path, rel: str) -> Iterator[Doc]:
 
 
 def read_jsonl(path: Path, rel: str, field: str) -> Iterator[Doc]:
+    rel = rel.removesuffix(".gz")  # compressing a file does not move its documents across splits
     raw = path.open("rb")
     stream = gzip.GzipFile(fileobj=raw) if path.name.endswith(".gz") else raw
     pos, index = 0, 0

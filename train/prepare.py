@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from models.errors import DataError
 from train.corpus import DEFAULT_SUFFIXES, Doc, collect_inputs, kind_of, read_documents
@@ -356,21 +357,37 @@ def prepare(args: PrepareArgs, on_commit: Callable[[Progress], None] | None = No
         split(read_documents(files, root, args.field), args.val_fraction), args.max_bytes
     )
     stream = itertools.islice(stream, progress.docs_done, None)  # resume: skip what is written
-    encoder = Encoder(tok, eos, dtype)
-    writer = ShardWriter(args.out, progress, np.dtype(DTYPES[dtype]).itemsize)
-    from tqdm import tqdm
-
+    batches = encoded(
+        batched(stream, args.batch_docs), Encoder(tok, eos, dtype), spec, args.workers
+    )
     total = sum(f.stat().st_size for f in files)
-    bar = tqdm(total=total, initial=progress.input_bytes, unit="B", unit_scale=True,
-               desc="prepare", file=sys.stderr, disable=args.quiet)  # fmt: skip
+    _write(args, batches, progress, np.dtype(DTYPES[dtype]).itemsize, total, on_commit)
+    for s in SPLITS:
+        if progress.splits[s].documents == 0:
+            raise DataError(
+                f"{progress.docs_done} documents gave no {s} document with --val-fraction "
+                f"{args.val_fraction}: add documents or change --val-fraction"
+            )
+    rule = "bytes" if by_bytes else "document"
+    meta = _meta(args, spec, eos, dtype, tok.vocab_size, progress, rule)
+    _atomic_write(args.out / "meta.json", json.dumps(meta, indent=2))
+    (args.out / STATE).unlink()
+    return meta
+
+
+def _write(args: PrepareArgs, batches, progress: Progress, itemsize: int, total: int, on_commit):
+    """Append every encoded batch in order, committing every ``args.commit_batches``."""
+    writer = ShardWriter(args.out, progress, itemsize)
+    bar = tqdm(
+        total=total, initial=progress.input_bytes, unit="B", unit_scale=True, desc="prepare",
+        file=sys.stderr, disable=args.quiet,
+    )  # fmt: skip
     try:
-        batches = batched(stream, args.batch_docs)
-        for i, (info, arrays) in enumerate(encoded(batches, encoder, spec, args.workers), 1):
+        for i, (info, arrays) in enumerate(batches, 1):
             for s, arr in zip(SPLITS, arrays):
                 writer.append(s, arr)
                 c = progress.splits[s]
-                c.tokens += arr.size
-                c.documents += info[s][0]
+                c.tokens, c.documents = c.tokens + arr.size, c.documents + info[s][0]
                 c.text_bytes += info[s][1]
             progress.docs_done += info["docs"]
             progress.input_bytes += info["advance"]
@@ -383,18 +400,6 @@ def prepare(args: PrepareArgs, on_commit: Callable[[Progress], None] | None = No
     finally:
         bar.close()
         writer.close()
-    for s in SPLITS:
-        if progress.splits[s].documents == 0:
-            raise DataError(
-                f"{progress.docs_done} documents gave no {s} document with --val-fraction "
-                f"{args.val_fraction}: add documents or change --val-fraction"
-            )
-    meta = _meta(
-        args, spec, eos, dtype, tok.vocab_size, progress, "bytes" if by_bytes else "document"
-    )
-    _atomic_write(args.out / "meta.json", json.dumps(meta, indent=2))
-    (args.out / STATE).unlink()
-    return meta
 
 
 def parse_args(argv: list[str] | None) -> PrepareArgs:
@@ -409,8 +414,12 @@ def parse_args(argv: list[str] | None) -> PrepareArgs:
         "--tokenizer", default="bytes", help="bytes | path/tokenizer.json | path/x.model"
     )
     ap.add_argument("--field", default="text", help="jsonl field / parquet column holding the text")
-    ap.add_argument("--suffix", action="append", default=None,
-                    help=f"name suffixes read from folders (default {' '.join(DEFAULT_SUFFIXES)})")  # fmt: skip
+    ap.add_argument(
+        "--suffix",
+        action="append",
+        default=None,
+        help=f"name suffixes read from folders (default {' '.join(DEFAULT_SUFFIXES)})",
+    )
     ap.add_argument("--val-fraction", type=float, default=0.05)
     ap.add_argument("--max-bytes", type=int, default=0, help="cap on UTF-8 text bytes (0 = all)")
     ap.add_argument("--workers", type=int, default=1, help="tokenizing processes")
@@ -423,11 +432,20 @@ def parse_args(argv: list[str] | None) -> PrepareArgs:
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
     return PrepareArgs(
-        out=a.out, inputs=a.inputs, tokenizer=a.tokenizer, field=a.field,
-        suffixes=tuple(a.suffix or DEFAULT_SUFFIXES), val_fraction=a.val_fraction,
-        max_bytes=a.max_bytes, workers=a.workers, dtype=a.dtype, eos_id=a.eos_id,
-        batch_docs=a.batch_docs, commit_batches=a.commit_batches, quiet=a.quiet,
-    )  # fmt: skip
+        out=a.out,
+        inputs=a.inputs,
+        tokenizer=a.tokenizer,
+        field=a.field,
+        suffixes=tuple(a.suffix or DEFAULT_SUFFIXES),
+        val_fraction=a.val_fraction,
+        max_bytes=a.max_bytes,
+        workers=a.workers,
+        dtype=a.dtype,
+        eos_id=a.eos_id,
+        batch_docs=a.batch_docs,
+        commit_batches=a.commit_batches,
+        quiet=a.quiet,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
