@@ -74,7 +74,9 @@ def test_prepare_cli_writes_uint16_shards(tmp_path: Path) -> None:
     assert meta["dtype"] == "uint16" and meta["vocab_size"] == 256
     tr = np.fromfile(out / "train.bin", dtype=np.uint16)
     va = np.fromfile(out / "val.bin", dtype=np.uint16)
-    assert tr.size + va.size == sum(len(f.read_bytes()) for f in src.iterdir())
+    # bytes tokenizer: one token per byte, and EOS (id 0) after each of the 40 documents
+    assert tr.size + va.size == sum(len(f.read_bytes()) for f in src.iterdir()) + 40
+    assert (tr == 0).sum() + (va == 0).sum() == 40 and tr[-1] == va[-1] == 0
     assert va.size > 0 and tr.size > va.size
 
 
