@@ -101,17 +101,18 @@ def rope_tables(
 
     Args:
         head_dim: per-head size (even).
-        positions: (S,) integer global positions.
+        positions: (S,) integer global positions, or (B, S) per sequence (document masking:
+            positions restart at every document).
         theta: rotary base.
 
     Returns:
-        cos_SD, sin_SD of shape (S, head_dim // 2), fp32.
+        cos_SD, sin_SD of shape (S, head_dim // 2) (or (B, S, head_dim // 2)), fp32.
     """
     inv = 1.0 / (
         theta
         ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     )
-    ang_SD = positions.to(torch.float32)[:, None] * inv[None, :]
+    ang_SD = positions.to(torch.float32)[..., None] * inv
     return ang_SD.cos(), ang_SD.sin()
 
 
@@ -119,23 +120,60 @@ def apply_rope(x_BSHD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor)
     """Rotate pairs (x[2i], x[2i+1]) of every head by the position's angle."""
     x = x_BSHD.float().unflatten(-1, (-1, 2))
     x0, x1 = x[..., 0], x[..., 1]
-    c, s = cos_SD[None, :, None, :], sin_SD[None, :, None, :]
+    if cos_SD.ndim == 2:  # one table for the batch
+        c, s = cos_SD[None, :, None, :], sin_SD[None, :, None, :]
+    else:  # (B, S, D/2): per-sequence positions
+        c, s = cos_SD[:, :, None, :], sin_SD[:, :, None, :]
     out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
     return out.type_as(x_BSHD)
 
 
+def document_ids(x_BS: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B, S) index of the document each token belongs to; an EOS token ends its document."""
+    eos = (x_BS == eos_id).long()
+    return eos.cumsum(1) - eos
+
+
+def document_positions(doc_BS: torch.Tensor) -> torch.Tensor:
+    """(B, S) position of each token inside its document (0 at every document's start)."""
+    idx = torch.arange(doc_BS.shape[1], device=doc_BS.device).expand_as(doc_BS)
+    starts = torch.ones_like(doc_BS, dtype=torch.bool)
+    starts[:, 1:] = doc_BS[:, 1:] != doc_BS[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(1).values
+    return idx - first
+
+
+def document_mask(doc_BS: torch.Tensor) -> torch.Tensor:
+    """(B, 1, S, S) boolean attention mask: causal, and only within the query's document."""
+    S = doc_BS.shape[1]
+    causal = torch.ones(S, S, dtype=torch.bool, device=doc_BS.device).tril()
+    same = doc_BS[:, :, None] == doc_BS[:, None, :]
+    return (same & causal)[:, None]
+
+
 class CoreAttention(nn.Module):
-    """Causal scaled-dot-product attention on (B, S, H, D) tensors; kv may have fewer heads."""
+    """Causal scaled-dot-product attention on (B, S, H, D) tensors; kv may have fewer heads.
+
+    ``attn_mask`` (B, 1, S, S) bool (``document_mask``) replaces the causal mask: packed
+    documents do not attend to each other. It spans the whole sequence, so under Ulysses (which
+    hands this core the full sequence for a subset of heads) the same mask applies."""
 
     def forward(
-        self, q_BSHD: torch.Tensor, k_BSKD: torch.Tensor, v_BSKD: torch.Tensor
+        self,
+        q_BSHD: torch.Tensor,
+        k_BSKD: torch.Tensor,
+        v_BSKD: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         q, k, v = (t.transpose(1, 2) for t in (q_BSHD, k_BSKD, v_BSKD))
         rep = q.shape[1] // k.shape[1]
         if rep > 1:
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if attn_mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return o.transpose(1, 2)
 
 
@@ -152,14 +190,18 @@ class Attention(nn.Module):
         self.core = CoreAttention()
 
     def forward(
-        self, x_BSE: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor
+        self,
+        x_BSE: torch.Tensor,
+        cos_SD: torch.Tensor,
+        sin_SD: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, S, _ = x_BSE.shape
         q = self.wq(x_BSE).view(B, S, -1, self.head_dim)
         k = self.wk(x_BSE).view(B, S, -1, self.head_dim)
         v = self.wv(x_BSE).view(B, S, -1, self.head_dim)
         q, k = apply_rope(q, cos_SD, sin_SD), apply_rope(k, cos_SD, sin_SD)
-        o_BSHD = self.core(q, k, v)
+        o_BSHD = self.core(q, k, v) if attn_mask is None else self.core(q, k, v, attn_mask)
         return self.wo(o_BSHD.reshape(B, o_BSHD.shape[1], -1))
 
 
@@ -189,8 +231,14 @@ class Block(nn.Module):
     def make_ffn(self, cfg: GPTConfig) -> nn.Module:
         return FeedForward(cfg.dim, cfg.ffn_hidden)
 
-    def forward(self, x: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos_SD, sin_SD)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos_SD: torch.Tensor,
+        sin_SD: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos_SD, sin_SD, attn_mask=attn_mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -227,8 +275,9 @@ class GPT(nn.Module):
     ) -> torch.Tensor:
         """Args:
             x: (B, S) token ids, or (B, S, E) hidden states on a stage without embeddings.
-            positions: (S,) global positions (default ``arange(S)``).
-            block_kwargs: passed to every block (a subclass's blocks may take more inputs).
+            positions: (S,) global positions (default ``arange(S)``), or (B, S) per sequence.
+            block_kwargs: passed to every block: ``attn_mask`` (``document_mask``), and what a
+                subclass's blocks take besides.
 
         Returns:
             (B, S, V) logits (V = padded vocabulary), or (B, S, E) hidden states on a stage

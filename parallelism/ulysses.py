@@ -102,10 +102,18 @@ class UlyssesAttention(nn.Module):
         self.group = group
         self.sp = dist.get_world_size(group)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``attn_mask`` (B, 1, S, S) covers the full sequence: passed to the core as is."""
         k, v = expand_kv_heads(k, self.sp), expand_kv_heads(v, self.sp)
         q, k, v = (_SeqToHead.apply(t, self.group) for t in (q, k, v))
-        return _HeadToSeq.apply(self.core(q, k, v), self.group)
+        o = self.core(q, k, v) if attn_mask is None else self.core(q, k, v, attn_mask)
+        return _HeadToSeq.apply(o, self.group)
 
 
 def validate_ulysses(n_heads: int, n_kv_heads: int, tp: int, sp: int, seq_len: int) -> None:

@@ -147,6 +147,10 @@ class DataArgs:
     """``stdlib`` only: cap on corpus bytes read (keeps preparation to seconds)."""
     val_fraction: float = 0.05
     """``stdlib`` only: share of files (chosen by a hash of their path) held out for validation."""
+    document_mask: bool = False
+    """Packed documents do not attend to each other and their positions restart at each one
+    (the shards' ``meta.json`` must record ``eos_id``, as ``python -m train.prepare`` writes).
+    Token models only; not with pipeline parallelism yet."""
     backend: str = "torch"
     """Loader backend: ``torch`` (in-process) or ``dali`` (NVIDIA DALI pipeline; needs the
     ``dali`` extra). Both yield identical batches (see docs/data.md)."""

@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 
 from checkpoint.adapter import CheckpointAdapter
 from models.errors import ConfigError, LayoutError
-from models.gpt import GPT, GPTConfig
+from models.gpt import GPT, GPTConfig, document_ids, document_mask, document_positions
 from parallelism.init import canonical_name, materialize_and_init_
 from parallelism.parallelize_gpt import finalize_data_parallel, parallelize_gpt
 from parallelism.pipeline import PipelineSchedule, build_schedule, validate_pipeline
@@ -121,6 +121,7 @@ class GPTFamily(Family):
         self.seq_slice = sequence_slice(job.train.seq_len, coord["sp"], dims.sp)
         self.dp_rank = coord["dp_replicate"] * dims.dp_shard + coord["dp_shard"]
         self.pipeline: PipelineSchedule | None = None
+        self.eos_id: int | None = None
 
     # -- before launch ------------------------------------------------------------------------
     def model_config(self) -> GPTConfig:
@@ -146,6 +147,26 @@ class GPTFamily(Family):
                 f"remove the override (model.vocab_size=0 takes it from meta.json) or set >= {have}"
             )
 
+    def _document_eos(self) -> int | None:
+        """The EOS id that ends documents when ``data.document_mask`` is on (else None)."""
+        job = self.job
+        if not job.data.document_mask:
+            return None
+        if self.dims.pp > 1:
+            raise LayoutError(
+                f"data.document_mask=true with parallel.pp={self.dims.pp} is not supported yet "
+                "(pipeline stages receive no document boundaries): use pp=1 or drop the mask"
+            )
+        meta_path = Path(job.data.path or "data_cache/stdlib") / "meta.json"
+        meta = read_meta(meta_path.parent) if job.data.name == "shards" else {}
+        if meta.get("eos_id") is None:
+            raise ConfigError(
+                f"data.document_mask=true needs document boundaries, but {meta_path} records no "
+                "eos_id: write shards with `python -m train.prepare --tokenizer ... --out DIR "
+                "INPUTS` (EOS between documents) and set data=shards data.path=DIR"
+            )
+        return int(meta["eos_id"])
+
     def resolved_config(self) -> dict[str, Any]:
         return {"model.vocab_size": self.job.model.vocab_size}
 
@@ -157,6 +178,7 @@ class GPTFamily(Family):
                 "or data=shards"
             )
         self._resolve_vocab()
+        self.eos_id = self._document_eos()
         cfg = self.model_config()  # dim % n_heads, n_heads % n_kv_heads
         if job.train.seq_len > cfg.max_seq_len:
             raise LayoutError(
@@ -236,16 +258,24 @@ class GPTFamily(Family):
         pos = torch.arange(sl.start, sl.stop, dtype=torch.long)
         return (rows[:, None] * t.seq_len + pos[None, :]).to(self.device)
 
-    def _forward(self, model: nn.Module, k: int, x: torch.Tensor, pos: torch.Tensor) -> Any:
+    def _forward(self, model: nn.Module, k: int, x: torch.Tensor, pos: Any) -> Any:
         keys = self.token_keys(k, x.shape[0])
-        return model(x, positions=pos) if keys is None else model(x, keys, positions=pos)
+        pos, mask = pos if isinstance(pos, tuple) else (pos, None)
+        kw = {"positions": pos} if mask is None else {"positions": pos, "attn_mask": mask}
+        return model(x, **kw) if keys is None else model(x, keys, **kw)
 
     def _local(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
-        """This rank's part of a micro-batch (its sequence slice) and those tokens' positions."""
+        """This rank's part of a micro-batch (its sequence slice) and those tokens' positions;
+        with ``data.document_mask``, (positions (B, S_local), mask (B, 1, S, S)) computed from
+        the whole sequence (Ulysses' attention core sees all of it)."""
         sl, dev = self.seq_slice, self.device
+        pos: Any = torch.arange(sl.start, sl.stop, device=dev)
+        if self.eos_id is not None:
+            doc = document_ids(x, self.eos_id)
+            pos = (document_positions(doc)[:, sl].to(dev), document_mask(doc).to(dev))
         x = x[:, sl].to(dev, non_blocking=True)
         y = y[:, sl].to(dev, non_blocking=True)
-        return x, y, torch.arange(sl.start, sl.stop, device=dev)
+        return x, y, pos
 
     def _context(self) -> ExitStack:
         """Autocast and the vocab-parallel loss context, around forward and backward."""

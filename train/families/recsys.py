@@ -68,6 +68,7 @@ class RecsysFamily(Family):
         "train.activation_checkpoint": "no transformer blocks to recompute",
         "train.compile": "torch.compile of TorchRec's sharded lookup is not supported",
         "data.dali_device": "the recommender path runs on CPU/gloo; set data.dali_device=cpu",
+        "data.document_mask": "click data has no documents",
         **{f"parallel.{k}": _LAYOUT for k in ("tp", "pp", "sp", "ep", "dp_replicate")},
         **{
             f"parallel.{k}": "pipeline/tensor-parallel field; " + _LAYOUT
