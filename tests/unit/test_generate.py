@@ -48,11 +48,16 @@ def test_kv_cache_greedy_equals_full_forward(family: str) -> None:
     torch.testing.assert_close(step, ref, rtol=0, atol=1e-5)
 
 
-def test_cache_uses_start_pos_for_rope() -> None:
-    """Decoding position S with the wrong rotary position would change the logits."""
+def test_cache_uses_start_pos_for_rope_and_mask() -> None:
+    """Decoding position S with the wrong rotary position would change the logits; a chunk of
+    several tokens after a prefill needs the bottom-right-aligned causal mask."""
     model, x = _gpt(), torch.randint(0, 64, (1, 9))
     with torch.no_grad():
-        ref = model(x)[:, -1]
+        full = model(x)
+        ref = full[:, -1]
+        chunked = KVCache.for_model(model, 1, 9)
+        model(x[:, :5], cache=chunked)
+        torch.testing.assert_close(model(x[:, 5:], cache=chunked), full[:, 5:], rtol=0, atol=1e-5)
         cache = KVCache.for_model(model, 1, 9)
         model(x[:, :8], cache=cache)
         got = model(x[:, 8:], cache=cache)[:, -1]
