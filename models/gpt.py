@@ -15,6 +15,10 @@ the model for it). Hooks that parallelism relies on, all without changing the ma
   rotary embedding of its true positions.
 - ``init_tensor(name, shape, generator)`` defines each parameter's initial value from its
   name alone, so the same seed gives the same weights whatever the layout.
+- ``forward(tokens, cache=KVCache(...))`` is the inference path (``train/generate.py``): each
+  attention appends its new keys/values to the cache and attends over all cached positions,
+  and the rotary positions start at the cache's length. Without a cache the training forward
+  runs unchanged (the cached path never touches ``CoreAttention``).
 """
 
 from __future__ import annotations
@@ -177,6 +181,78 @@ class CoreAttention(nn.Module):
         return o.transpose(1, 2)
 
 
+class LayerKV:
+    """One layer's cached keys and values, (B, T_max, K, D) buffers filled up to ``length``."""
+
+    def __init__(self, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor) -> None:
+        self.k_BTKD, self.v_BTKD = k_BTKD, v_BTKD
+        self.length = 0
+
+    def append(
+        self, k_BSKD: torch.Tensor, v_BSKD: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Store S new positions; returns all cached keys/values (B, length, K, D) and the
+        position of the first new one."""
+        start, end = self.length, self.length + k_BSKD.shape[1]
+        if end > self.k_BTKD.shape[1]:
+            raise ValueError(f"KV cache full: {end} positions > max_len={self.k_BTKD.shape[1]}")
+        self.k_BTKD[:, start:end] = k_BSKD
+        self.v_BTKD[:, start:end] = v_BSKD
+        self.length = end
+        return self.k_BTKD[:, :end], self.v_BTKD[:, :end], start
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding (prefill, then one step per token).
+
+    Example::
+
+        cache = KVCache.for_model(model, batch=1, max_len=128)
+        logits = model(prompt_BS, cache=cache)        # prefill: positions 0..S-1
+        logits = model(next_B1, cache=cache)          # decode: position S, reuses 0..S-1
+    """
+
+    def __init__(self, layers: dict[str, LayerKV]) -> None:
+        self.layers = layers
+
+    @classmethod
+    def for_model(
+        cls, model: GPT, batch: int, max_len: int, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        """Empty buffers for every block of ``model`` (on its device, in its dtype)."""
+        cfg, ref = model.cfg, next(model.parameters())
+        shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        kw = {"dtype": dtype or ref.dtype, "device": ref.device}
+        return cls(
+            {k: LayerKV(torch.zeros(shape, **kw), torch.zeros(shape, **kw)) for k in model.layers}
+        )
+
+    @property
+    def start_pos(self) -> int:
+        """Positions cached so far: the rotary position of the next token."""
+        return next(iter(self.layers.values())).length if self.layers else 0
+
+
+def cached_attention(
+    q_BSHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor, start_pos: int
+) -> torch.Tensor:
+    """Causal attention of S queries at positions ``start_pos..`` over T cached keys (0..T-1).
+
+    ``CoreAttention``'s ``is_causal`` aligns the mask top-left, which is wrong once T > S, so
+    the mask here is explicit: query i sees keys j <= start_pos + i.
+    """
+    q, k, v = (t.transpose(1, 2) for t in (q_BSHD, k_BTKD, v_BTKD))
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    S, T = q.shape[2], k.shape[2]
+    pos_q = torch.arange(start_pos, start_pos + S, device=q.device)
+    mask_ST = torch.arange(T, device=q.device)[None, :] <= pos_q[:, None]
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_ST)
+    return o.transpose(1, 2)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with rotary embeddings."""
 
@@ -195,13 +271,21 @@ class Attention(nn.Module):
         cos_SD: torch.Tensor,
         sin_SD: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
+        kv: LayerKV | None = None,
     ) -> torch.Tensor:
+        """``kv``: this layer's cache (inference); the new keys/values are appended to it."""
         B, S, _ = x_BSE.shape
         q = self.wq(x_BSE).view(B, S, -1, self.head_dim)
         k = self.wk(x_BSE).view(B, S, -1, self.head_dim)
         v = self.wv(x_BSE).view(B, S, -1, self.head_dim)
         q, k = apply_rope(q, cos_SD, sin_SD), apply_rope(k, cos_SD, sin_SD)
-        o_BSHD = self.core(q, k, v) if attn_mask is None else self.core(q, k, v, attn_mask)
+        if kv is not None:
+            k_all, v_all, start = kv.append(k, v)
+            o_BSHD = cached_attention(q, k_all, v_all, start)
+        elif attn_mask is None:
+            o_BSHD = self.core(q, k, v)
+        else:
+            o_BSHD = self.core(q, k, v, attn_mask)
         return self.wo(o_BSHD.reshape(B, o_BSHD.shape[1], -1))
 
 
@@ -237,9 +321,27 @@ class Block(nn.Module):
         cos_SD: torch.Tensor,
         sin_SD: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
+        kv: LayerKV | None = None,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos_SD, sin_SD, attn_mask=attn_mask)
+        h = x + self.attend(self.attention_norm(x), cos_SD, sin_SD, kv, attn_mask)
         return h + self.feed_forward(self.ffn_norm(h))
+
+    def attend(
+        self,
+        x: torch.Tensor,
+        cos_SD: torch.Tensor,
+        sin_SD: torch.Tensor,
+        kv: LayerKV | None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The attention call; without a cache exactly the training call (three positional
+        inputs, which tensor parallelism's ``PrepareModuleInput`` plan expects; the document
+        mask goes as a keyword, which that plan passes through)."""
+        if kv is not None:
+            return self.attention(x, cos_SD, sin_SD, kv=kv)
+        if attn_mask is not None:
+            return self.attention(x, cos_SD, sin_SD, attn_mask=attn_mask)
+        return self.attention(x, cos_SD, sin_SD)
 
 
 class GPT(nn.Module):
@@ -271,11 +373,19 @@ class GPT(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor | None = None, **block_kwargs: Any
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        **block_kwargs: Any,
     ) -> torch.Tensor:
         """Args:
             x: (B, S) token ids, or (B, S, E) hidden states on a stage without embeddings.
-            positions: (S,) global positions (default ``arange(S)``), or (B, S) per sequence.
+            positions: (S,) global positions (default ``arange(S)``, or
+                ``arange(start_pos, start_pos + S)`` with a cache), or (B, S) per sequence
+                (document masking).
+            cache: inference only: the ``KVCache`` of the tokens before ``x``
+                (``cache.start_pos`` of them); ``x``'s keys/values are appended to it.
             block_kwargs: passed to every block: ``attn_mask`` (``document_mask``), and what a
                 subclass's blocks take besides.
 
@@ -285,11 +395,14 @@ class GPT(nn.Module):
         """
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
         if positions is None:
-            start = self.position_offset
+            start = self.position_offset if cache is None else cache.start_pos
             positions = torch.arange(start, start + h.shape[1], device=h.device)
         cos_SD, sin_SD = rope_tables(self.cfg.head_dim, positions, self.cfg.rope_theta)
-        for layer in self.layers.values():
-            h = layer(h, cos_SD, sin_SD, **block_kwargs)
+        for key, layer in self.layers.items():
+            if cache is None:
+                h = layer(h, cos_SD, sin_SD, **block_kwargs)
+            else:
+                h = layer(h, cos_SD, sin_SD, kv=cache.layers[key], **block_kwargs)
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h

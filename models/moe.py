@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.errors import ConfigError
-from models.gpt import GPT, Block, GPTConfig
+from models.gpt import GPT, Block, GPTConfig, KVCache, LayerKV
 
 ROUTERS = ("sparsemixer", "softmax")
 
@@ -408,9 +408,10 @@ class MoEBlock(Block):
         sin_SD: torch.Tensor,
         keys: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        kv: LayerKV | None = None,
     ) -> torch.Tensor:
         """As ``Block.forward``; ``keys`` (B, S) key the router noise of these tokens."""
-        h = x + self.attention(self.attention_norm(x), cos_SD, sin_SD, attn_mask=attn_mask)
+        h = x + self.attend(self.attention_norm(x), cos_SD, sin_SD, kv, attn_mask)
         return h + self.feed_forward(self.ffn_norm(h), keys)
 
 
@@ -436,6 +437,7 @@ class GPTMoE(GPT):
         aux_in: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """As ``GPT.forward``; a training forward carries the summed balancing loss of every MoE
         layer on the logits as ``moe_aux_loss``.
@@ -448,7 +450,7 @@ class GPTMoE(GPT):
         losses; the pipeline sends it forward like an activation and its gradient
         (``aux_loss_coef / n_micro``) back like one. ``aux_in`` is None on the first stage.
         """
-        out = GPT.forward(self, x, positions, keys=keys, attn_mask=attn_mask)
+        out = GPT.forward(self, x, positions, cache, keys=keys, attn_mask=attn_mask)
         aux = aux_in
         if self.training:
             own = [m.aux_loss for m in self.moe_layers().values() if m.aux_loss is not None]

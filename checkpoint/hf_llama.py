@@ -1,0 +1,148 @@
+"""Hugging Face Llama weights -> Lattice's GPT (``models/gpt.py``): names, config, RoPE order.
+
+Hand-written because the mapping is small and exact, and transformers has no converter *to* a
+Meta-style layout (its ``convert_llama_weights_to_hf.py`` goes the other way). Three things
+differ between the two models, none of them in the math:
+
+- Names: ``model.layers.{i}.self_attn.q_proj`` -> ``layers.{i}.attention.wq``, ``mlp.gate_proj``
+  / ``up_proj`` / ``down_proj`` -> ``feed_forward.w1`` / ``w3`` / ``w2``, ``input_layernorm`` /
+  ``post_attention_layernorm`` -> ``attention_norm`` / ``ffn_norm``, ``model.embed_tokens`` ->
+  ``tok_embeddings``, ``model.norm`` -> ``norm``, ``lm_head`` -> ``output``.
+- RoPE order: Lattice rotates interleaved pairs ``(x[2i], x[2i+1])`` of a head (Meta's order);
+  HF rotates the halves ``(x[i], x[i + D/2])`` (``rotate_half``). HF's converter permutes each
+  head's rows of ``wq``/``wk`` with ``view(H, D/2, 2, E).transpose(1, 2)``; we apply the inverse,
+  ``view(H, 2, D/2, E).transpose(1, 2)``, so the same weights give the same attention scores.
+- Config: ``hidden_size`` -> ``dim``, ``intermediate_size`` -> ``ffn_hidden`` (explicit, so the
+  8/3-rule is not used), ``rms_norm_eps`` -> ``norm_eps``, ``rope_parameters["rope_theta"]``
+  (``rope_theta`` before transformers 5) -> ``rope_theta``, ``tie_word_embeddings`` ->
+  ``tie_embeddings``.
+
+Checkpoint-side module: imports no model code, returns plain ``GPTConfig`` keyword arguments.
+Features Lattice's GPT lacks (biases, rope scaling, another activation, a head size other than
+``hidden_size / heads``) raise ``ValueError`` naming the config field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+LAYER_NAMES = {
+    "self_attn.q_proj.weight": "attention.wq.weight",
+    "self_attn.k_proj.weight": "attention.wk.weight",
+    "self_attn.v_proj.weight": "attention.wv.weight",
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+TOP_NAMES = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+def _get(config: Any, key: str, default: Any = None) -> Any:
+    if isinstance(config, Mapping):
+        return config.get(key, default)
+    return getattr(config, key, default)
+
+
+def _rope_theta(config: Any) -> float:
+    """``rope_parameters`` (transformers >= 5) or ``rope_theta``; only the default rope type."""
+    params = _get(config, "rope_parameters") or _get(config, "rope_scaling") or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind != "default":
+        raise ValueError(f"rope_parameters.rope_type={kind!r}: only 'default' RoPE is supported")
+    return float(params.get("rope_theta", _get(config, "rope_theta", 10000.0)))
+
+
+def gpt_config_kwargs(config: Any) -> dict[str, Any]:
+    """``GPTConfig`` keyword arguments for a ``LlamaConfig`` (or its ``to_dict()``)."""
+    for field in ("attention_bias", "mlp_bias"):
+        if _get(config, field, False):
+            raise ValueError(f"{field}=True: Lattice's GPT has no biases")
+    if _get(config, "hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={_get(config, 'hidden_act')!r}: only 'silu' (SwiGLU)")
+    dim, heads = int(_get(config, "hidden_size")), int(_get(config, "num_attention_heads"))
+    head_dim = _get(config, "head_dim") or dim // heads
+    if head_dim * heads != dim:
+        raise ValueError(f"head_dim={head_dim} != hidden_size/num_attention_heads={dim // heads}")
+    return {
+        "vocab_size": int(_get(config, "vocab_size")),
+        "dim": dim,
+        "n_layers": int(_get(config, "num_hidden_layers")),
+        "n_heads": heads,
+        "n_kv_heads": int(_get(config, "num_key_value_heads") or heads),
+        "ffn_hidden": int(_get(config, "intermediate_size")),
+        "norm_eps": float(_get(config, "rms_norm_eps", 1e-6)),
+        "rope_theta": _rope_theta(config),
+        "max_seq_len": int(_get(config, "max_position_embeddings", 2048)),
+        "tie_embeddings": bool(_get(config, "tie_word_embeddings", False)),
+    }
+
+
+def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF half-split row order of a (H*D, E) ``q_proj``/``k_proj`` -> interleaved pairs.
+
+    Row ``h*D + j`` (j < D/2) of HF pairs with row ``h*D + j + D/2``; in Lattice they become rows
+    ``h*D + 2j`` and ``h*D + 2j + 1``. Inverse of HF's ``permute`` in
+    ``convert_llama_weights_to_hf.py``.
+    """
+    rows, cols = w.shape
+    d_half = rows // n_heads // 2
+    return w.view(n_heads, 2, d_half, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def rename(hf_name: str) -> str | None:
+    """Lattice's name for an HF Llama parameter, or None for buffers it does not keep."""
+    if hf_name in TOP_NAMES:
+        return TOP_NAMES[hf_name]
+    parts = hf_name.split(".")
+    if parts[:2] == ["model", "layers"] and len(parts) > 3:
+        tail = ".".join(parts[3:])
+        if tail in LAYER_NAMES:
+            return f"layers.{parts[2]}.{LAYER_NAMES[tail]}"
+    if hf_name.endswith("rotary_emb.inv_freq"):
+        return None
+    raise ValueError(f"unknown Llama parameter {hf_name!r}")
+
+
+def llama_to_lattice(
+    state_dict: Mapping[str, torch.Tensor], config: Any
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Convert an HF ``LlamaForCausalLM`` state dict for ``models.gpt.GPT``.
+
+    Args:
+        state_dict: ``model.state_dict()`` (or safetensors contents) of ``LlamaForCausalLM``.
+        config: its ``LlamaConfig`` (or the dict of ``config.json``).
+
+    Returns:
+        (``GPTConfig`` kwargs, state dict with Lattice names): ``GPT(GPTConfig(**kw))
+        .load_state_dict(sd)`` then gives the same logits as the HF model.
+
+    Example::
+
+        kw, sd = llama_to_lattice(hf.state_dict(), hf.config)
+        model = GPT(GPTConfig(**kw)); model.load_state_dict(sd)
+    """
+    kw = gpt_config_kwargs(config)
+    head_dim = kw["dim"] // kw["n_heads"]
+    out: dict[str, torch.Tensor] = {}
+    for name, t in state_dict.items():
+        new = rename(name)
+        if new is None:
+            continue
+        if new.endswith("attention.wq.weight"):
+            t = unpermute_rope(t, kw["n_heads"])
+        elif new.endswith("attention.wk.weight"):
+            t = unpermute_rope(t, t.shape[0] // head_dim)
+        out[new] = t.detach().clone()
+    if kw["tie_embeddings"]:
+        out["output.weight"] = out["tok_embeddings.weight"]
+    return kw, out
