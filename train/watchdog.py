@@ -84,6 +84,7 @@ class HangWatchdog:
         self.rank, self.world, self.timeout_s = rank, world, timeout_s
         self.interval_s = interval_s or max(0.5, min(5.0, timeout_s / 8))
         self.step, self.phase, self.since = 0, "start", time.time()
+        self._since_mono = time.monotonic()  # the verdict's clock: immune to wall-clock jumps
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -100,6 +101,7 @@ class HangWatchdog:
     def beat(self, step: int, phase: str) -> None:
         """Mark progress: this rank entered ``phase`` of ``step``."""
         self.step, self.phase, self.since = step, phase, time.time()
+        self._since_mono = time.monotonic()
 
     def stop(self) -> None:
         self._stop.set()
@@ -124,11 +126,11 @@ class HangWatchdog:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self._write_heartbeat()
-            if time.time() - self.since > self.timeout_s:
+            if time.monotonic() - self._since_mono > self.timeout_s:
                 self._hang()
 
     def _hang(self) -> None:
-        stuck_for = time.time() - self.since
+        stuck_for = time.monotonic() - self._since_mono
         path = self.folder / f"rank_{self.rank}.txt"
         with open(path, "w") as f:
             f.write(
