@@ -5,6 +5,7 @@ Used by ``python -m checkpoint.export`` and by tests; reads only the chunks (no 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,14 @@ def load_consolidated(ckpt: Path | str, prefix: str | None = None) -> dict[str, 
     Raises:
         CheckpointError: uncommitted checkpoint, or a file failing its size/sha256 check.
     """
+    return dict(iter_consolidated(ckpt, prefix))
+
+
+def iter_consolidated(
+    ckpt: Path | str, prefix: str | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``load_consolidated`` one tensor at a time (the files are verified first), so a caller
+    that writes each tensor out holds about one tensor in memory."""
     ckpt = Path(ckpt)
     index = read_index(ckpt)
     metas = [
@@ -32,7 +41,6 @@ def load_consolidated(ckpt: Path | str, prefix: str | None = None) -> dict[str, 
     ]
     verify_files(ckpt, index, {c.file for m in metas for c in m.chunks})
     mmaps: dict[str, np.memmap] = {}
-    out = {}
     for m in metas:
         full = torch.zeros(m.logical_shape, dtype=dtype_from_name(m.dtype))
         for c in m.chunks:
@@ -42,5 +50,4 @@ def load_consolidated(ckpt: Path | str, prefix: str | None = None) -> dict[str, 
             raw = torch.from_numpy(np.array(mm[c.byte_offset : c.byte_offset + c.nbytes]))
             src = raw.view(full.dtype).reshape(c.shape)
             full[box_slices(c.offset, c.shape, [0] * len(c.shape))] = src
-        out[m.name] = full
-    return out
+        yield m.name, full

@@ -17,7 +17,9 @@ differ between the two models, none of them in the math:
   (``rope_theta`` before transformers 5) -> ``rope_theta``, ``tie_word_embeddings`` ->
   ``tie_embeddings``.
 
-Checkpoint-side module: imports no model code, returns plain ``GPTConfig`` keyword arguments.
+Checkpoint-side module: the import direction returns plain ``GPTConfig`` keyword arguments;
+the export direction (``lattice_to_llama``'s pieces, used by ``python -m checkpoint.export
+--format hf``) builds a ``GPTConfig`` for its derived sizes (``models`` is below ``checkpoint``).
 Features Lattice's GPT lacks (biases, rope scaling, another activation, a head size other than
 ``hidden_size / heads``) raise ``ValueError`` naming the config field.
 """
@@ -146,3 +148,70 @@ def llama_to_lattice(
     if kw["tie_embeddings"]:
         out["output.weight"] = out["tok_embeddings.weight"]
     return kw, out
+
+
+# -- Lattice -> Hugging Face (export) -----------------------------------------------------------
+LATTICE_NAMES = {v: k for k, v in LAYER_NAMES.items()}
+LATTICE_TOP = {v: k for k, v in TOP_NAMES.items()}
+
+
+def permute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Interleaved-pair row order of a (H*D, E) ``wq``/``wk`` -> HF's half split (HF's own
+    ``permute`` in ``convert_llama_weights_to_hf.py``; the inverse of ``unpermute_rope``)."""
+    rows, cols = w.shape
+    d_half = rows // n_heads // 2
+    return w.view(n_heads, d_half, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def hf_name(lattice_name: str) -> str:
+    """HF Llama's name for a Lattice GPT parameter (inverse of ``rename``)."""
+    if lattice_name in LATTICE_TOP:
+        return LATTICE_TOP[lattice_name]
+    parts = lattice_name.split(".")
+    tail = ".".join(parts[2:])
+    if parts[0] == "layers" and tail in LATTICE_NAMES:
+        return f"model.layers.{parts[1]}.{LATTICE_NAMES[tail]}"
+    raise ValueError(f"no Llama name for Lattice parameter {lattice_name!r}")
+
+
+def llama_config(model: Mapping[str, Any], dtype: str = "float32") -> dict[str, Any]:
+    """``config.json`` of ``LlamaForCausalLM`` for a Lattice gpt ``model.*`` config (as saved in
+    a checkpoint's train state); the inverse of ``gpt_config_kwargs``."""
+    from models.gpt import GPTConfig  # its derived sizes (kv heads, SwiGLU hidden)
+
+    names = GPTConfig.__dataclass_fields__
+    cfg = GPTConfig(**{k: v for k, v in model.items() if k in names and k != "padded_vocab_size"})
+    dim, heads, kv, ffn = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_hidden
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": dim,
+        "intermediate_size": ffn,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "head_dim": dim // heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": int(model.get("max_seq_len", 2048)),
+        "rms_norm_eps": float(model.get("norm_eps", 1e-5)),
+        "rope_theta": float(model.get("rope_theta", 10000.0)),
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": float(model.get("rope_theta", 1e4)),
+        },
+        "tie_word_embeddings": bool(model.get("tie_embeddings", False)),
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": dtype,
+    }
+
+
+def to_hf_tensor(name: str, t: torch.Tensor, config: Mapping[str, Any]) -> tuple[str, torch.Tensor]:
+    """One Lattice tensor -> (HF name, HF tensor), RoPE rows permuted for q/k."""
+    head_dim = int(config["hidden_size"]) // int(config["num_attention_heads"])
+    if name.endswith("attention.wq.weight"):
+        t = permute_rope(t, int(config["num_attention_heads"]))
+    elif name.endswith("attention.wk.weight"):
+        t = permute_rope(t, t.shape[0] // head_dim)
+    return hf_name(name), t

@@ -52,8 +52,29 @@ def materialize_and_init_(model: nn.Module, seed: int, device: torch.device | st
     root = getattr(model, "init_tensor", None)
     if root is None:
         raise TypeError(f"{type(model).__name__} has no init_tensor(name, shape, generator)")
+    shared = _shared_parameters(model)
     model.to_empty(device=device)
+    _retie_(shared)
     for fqn, p in model.named_parameters():
         name = canonical_name(fqn)
         full = root(name, tuple(p.shape), param_generator(seed, name))
         copy_full_into_(p, full)
+
+
+def _shared_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """Groups of (module, attribute) that hold one Parameter (tied embeddings)."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for mod in model.modules():
+        for name, p in mod._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((mod, name))
+    return [group for group in owners.values() if len(group) > 1]
+
+
+def _retie_(shared: list[list[tuple[nn.Module, str]]]) -> None:
+    """Restore ties that ``Module.to_empty`` broke (it gives every module a new tensor of its
+    own, so ``output.weight`` would stop being ``tok_embeddings.weight``)."""
+    for (mod0, name0), *rest in shared:
+        first = getattr(mod0, name0)
+        for mod, name in rest:
+            setattr(mod, name, first)

@@ -175,6 +175,10 @@ def apply_tensor_parallel(
         )
     if top:
         parallelize_module(model, tp_mesh, top)
+        tied = model.cfg.tie_embeddings and model.tok_embeddings is not None
+        if tied and model.output is not None:
+            # each plan distributed its own copy; both are Shard(0) over the vocabulary rows
+            model.output.weight = model.tok_embeddings.weight
     for block in model.layers.values():
         dense_ffn = isinstance(getattr(block.feed_forward, "w1", None), nn.Linear)
         parallelize_module(block, tp_mesh, _block_plan(sp, dense_ffn))

@@ -95,3 +95,18 @@ def assert_weights_close(got: torch.Tensor, want: torch.Tensor, name: str, lr: f
     torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-3 * lr, msg=lambda m: f"{name}: {m}")
     rel = ((got - want).norm() / want.norm()).item()
     assert rel <= 1e-4, (name, rel)
+
+
+def assert_runs_close(ref: dict, got: dict, lr: float | None = None) -> None:
+    """Per-step losses (rel 1e-5) and every final weight (``assert_weights_close`` at the
+    AdamW floor of ``lr``, default ``optim.lr``'s default) of ``got`` equal ``ref``."""
+    from train.config import JobConfig
+
+    lr = JobConfig().optim.lr if lr is None else lr
+    assert len(ref["losses"]) == len(got["losses"]) > 0
+    torch.testing.assert_close(
+        torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0.0
+    )
+    assert got["weights"].keys() == ref["weights"].keys()
+    for name, w in ref["weights"].items():
+        assert_weights_close(got["weights"][name], w, name, lr)
