@@ -26,7 +26,9 @@ Features Lattice's GPT lacks (biases, rope scaling, another activation, a head s
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -215,3 +217,57 @@ def to_hf_tensor(name: str, t: torch.Tensor, config: Mapping[str, Any]) -> tuple
     elif name.endswith("attention.wk.weight"):
         t = permute_rope(t, t.shape[0] // head_dim)
     return hf_name(name), t
+
+
+# -- reading a Hugging Face folder (import) -----------------------------------------------------
+class HFFolder:
+    """A ``save_pretrained`` folder: ``config.json`` and ``model.safetensors`` or shards with
+    ``model.safetensors.index.json``. Tensors are read one at a time (``get``), never the whole
+    model."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        cfg = self.path / "config.json"
+        if not cfg.is_file():
+            raise FileNotFoundError(
+                f"{cfg} is missing: model.from_hf needs a save_pretrained folder"
+            )
+        self.config: dict[str, Any] = json.loads(cfg.read_text())
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            self.files = dict(json.loads(index.read_text())["weight_map"])
+        elif (self.path / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(self.path / "model.safetensors"), "pt") as f:
+                self.files = dict.fromkeys(f.keys(), "model.safetensors")
+        else:
+            raise FileNotFoundError(
+                f"{self.path} has no model.safetensors or model.safetensors.index.json"
+            )
+
+    @property
+    def architecture(self) -> str:
+        return ",".join(self.config.get("architectures") or ["?"])
+
+    def get(self, hf_key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if hf_key not in self.files:
+            raise KeyError(f"{self.path} holds no tensor {hf_key!r}")
+        with safe_open(str(self.path / self.files[hf_key]), "pt") as f:
+            return f.get_tensor(hf_key)
+
+    def lattice_tensor(self, lattice_name: str) -> torch.Tensor:
+        """The Lattice GPT tensor ``lattice_name`` (RoPE rows in Lattice's order)."""
+        kw = gpt_config_kwargs(self.config)
+        key = hf_name(lattice_name)
+        if key == "lm_head.weight" and key not in self.files and kw["tie_embeddings"]:
+            key = "model.embed_tokens.weight"
+        t = self.get(key)
+        head_dim = kw["dim"] // kw["n_heads"]
+        if lattice_name.endswith("attention.wq.weight"):
+            t = unpermute_rope(t, kw["n_heads"])
+        elif lattice_name.endswith("attention.wk.weight"):
+            t = unpermute_rope(t, t.shape[0] // head_dim)
+        return t

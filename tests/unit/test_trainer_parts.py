@@ -61,6 +61,7 @@ def test_family_args_mirror_the_model_configs() -> None:
         a = {f.name: f.default for f in dataclasses.fields(args) if f.name != "name"}
         c = {f.name: f.default for f in dataclasses.fields(cfg) if f.name != "padded_vocab_size"}
         assert a.pop("vocab_size") == 0 and c.pop("vocab_size") == 256
+        assert a.pop("from_hf") == ""  # where the fields come from, not a model field
         assert a == c, (args.__name__, set(a.items()) ^ set(c.items()))
 
 

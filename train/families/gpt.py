@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor
 from checkpoint.adapter import CheckpointAdapter
 from models.errors import ConfigError, LayoutError
 from models.gpt import GPT, GPTConfig, document_ids, document_mask, document_positions
-from parallelism.init import canonical_name, materialize_and_init_
+from parallelism.init import canonical_name, copy_full_into_, materialize_and_init_
 from parallelism.parallelize_gpt import finalize_data_parallel, parallelize_gpt
 from parallelism.pipeline import PipelineSchedule, build_schedule, validate_pipeline
 from parallelism.tensor_parallel import tp_loss_context, validate_tensor_parallel
@@ -74,6 +74,10 @@ class GPTArgs(ModelArgs):
     """Share the token embedding and the output projection."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation of linear and embedding weights."""
+    from_hf: str = ""
+    """A Hugging Face ``save_pretrained`` folder (``LlamaForCausalLM``): the ``model.*`` fields
+    come from its ``config.json`` (an override that contradicts it fails, naming both) and the
+    weights from its safetensors, loaded onto any layout one tensor at a time."""
 
 
 def tokens_per_byte(meta: dict, split: str) -> float | None:
@@ -147,6 +151,53 @@ class GPTFamily(Family):
                 f"remove the override (model.vocab_size=0 takes it from meta.json) or set >= {have}"
             )
 
+    def _hf_folder(self) -> Any:
+        from checkpoint.hf_llama import HFFolder
+
+        try:
+            return HFFolder(self.job.model.from_hf)
+        except (FileNotFoundError, ValueError, KeyError) as exc:
+            raise ConfigError(f"model.from_hf={self.job.model.from_hf!r}: {exc}") from None
+
+    def _apply_hf_config(self) -> None:
+        """``model.*`` from the folder's ``config.json``; a contradicting override fails."""
+        m = self.job.model
+        if not getattr(m, "from_hf", ""):
+            return
+        from checkpoint.hf_llama import gpt_config_kwargs
+
+        folder = self._hf_folder()
+        if folder.config.get("architectures") != ["LlamaForCausalLM"] or self.name != "gpt":
+            raise ConfigError(
+                f"model.from_hf={m.from_hf!r} is a {folder.architecture} "
+                f"(config.json architectures) for model.name={self.name}: only "
+                "LlamaForCausalLM into model.name=gpt is supported so far"
+            )
+        try:
+            kw = gpt_config_kwargs(folder.config)
+        except ValueError as exc:
+            raise ConfigError(f"model.from_hf={m.from_hf!r}: {exc}") from None
+        defaults = type(m)()
+        for key, value in kw.items():
+            mine = getattr(m, key)
+            if mine != getattr(defaults, key) and mine != value:
+                raise ConfigError(
+                    f"model.{key}={mine} contradicts {folder.path / 'config.json'} ({value}): "
+                    f"remove the override; model.from_hf sets every model.* field it defines"
+                )
+            setattr(m, key, value)
+
+    def _load_hf_weights_(self, model: nn.Module) -> None:
+        """Every parameter from the HF folder, onto this rank's shard (one tensor at a time)."""
+        folder = self._hf_folder()
+        for fqn, p in model.named_parameters():
+            full = folder.lattice_tensor(canonical_name(fqn)).to(torch.float32)
+            if full.shape[0] < p.shape[0] and full.ndim == 2:  # vocabulary padding rows
+                full = torch.cat(
+                    [full, full.new_zeros(p.shape[0] - full.shape[0], *full.shape[1:])]
+                )
+            copy_full_into_(p, full)
+
     def _document_eos(self) -> int | None:
         """The EOS id that ends documents when ``data.document_mask`` is on (else None)."""
         job = self.job
@@ -177,6 +228,7 @@ class GPTFamily(Family):
                 f"data.name={job.data.name!r} cannot feed model.name={self.name}: use data=stdlib "
                 "or data=shards"
             )
+        self._apply_hf_config()
         self._resolve_vocab()
         self.eos_id = self._document_eos()
         cfg = self.model_config()  # dim % n_heads, n_heads % n_kv_heads
@@ -201,6 +253,8 @@ class GPTFamily(Family):
             model = self.model_cls(self.model_config())
         model = parallelize_gpt(model, self.dims, job)
         materialize_and_init_(model, job.train.seed, device)
+        if getattr(job.model, "from_hf", ""):
+            self._load_hf_weights_(model)
         model = finalize_data_parallel(model, self.dims)
         if self.dims.pp > 1:
             vocab = job.model.vocab_size

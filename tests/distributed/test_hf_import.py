@@ -1,0 +1,34 @@
+"""``model.from_hf`` onto tp=2 and FSDP2: the imported Llama trains exactly as on one process
+(each rank keeps its shard of every tensor, read one tensor at a time)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.distributed.harness import run_on_ranks
+from tests.trainer_utils import assert_runs_close, run_trainer
+from tests.unit.test_hf_import import save_tiny_llama
+
+pytestmark = pytest.mark.distributed
+
+
+def _rank(rank: int, world: int, overrides: list[str]) -> dict:
+    return run_trainer(overrides)
+
+
+def _overrides(hf: str, data: str, run: str) -> list[str]:
+    # model.n_heads/n_kv_heads in the test base equal the saved config's (4, 2)
+    return ["train.steps=2", f"model.from_hf={hf}", f"data.path={data}", f"run.dir={run}"]
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [["parallel.tp=2", "parallel.dp_shard=1"], ["parallel.dp_shard=2"]],
+    ids=["tp2", "fsdp2"],
+)
+def test_imported_llama_on_a_layout_equals_one_process(layout, tiny_data, tmp_path) -> None:
+    save_tiny_llama(tmp_path / "hf")
+    hf = str(tmp_path / "hf")
+    ref = run_trainer(_overrides(hf, tiny_data, str(tmp_path / "one")))
+    got = run_on_ranks(_rank, 2, [*_overrides(hf, tiny_data, str(tmp_path / "two")), *layout])[0]
+    assert_runs_close(ref, got)
