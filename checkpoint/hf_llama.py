@@ -236,6 +236,12 @@ class HFFolder:
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
             self.files = dict(json.loads(index.read_text())["weight_map"])
+            for shard in sorted(set(self.files.values())):
+                if not (self.path / shard).is_file():
+                    raise FileNotFoundError(
+                        f"{self.path / shard} is missing (listed in {index.name}): copy the "
+                        "whole folder"
+                    )
         elif (self.path / "model.safetensors").is_file():
             from safetensors import safe_open
 

@@ -83,3 +83,25 @@ def test_contradicting_override_and_other_architectures_are_refused(tmp_path: Pa
         _job(tmp_path)
     with pytest.raises(ConfigError, match=r"config.json is missing"):
         _job(tmp_path, f"model.from_hf={tmp_path / 'nothing'}")
+
+
+def test_missing_shard_and_contradicting_tensor_shape_name_the_file(tmp_path: Path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from train.trainer import Trainer
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    save_tiny_llama(tmp_path / "hf")
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["model.layers.0.mlp.up_proj.weight"]
+    tensors = load_file(tmp_path / "hf" / shard)
+    tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(48, 32)  # config says (64, 32)
+    save_file(tensors, tmp_path / "hf" / shard, metadata={"format": "pt"})
+    job, cfg, plan = _job(tmp_path)
+    with pytest.raises(
+        ConfigError, match=r"model.layers.0.mlp.up_proj.weight has shape \(48, 32\)"
+    ):
+        Trainer(job, cfg, plan)
+    (tmp_path / "hf" / shard).unlink()
+    with pytest.raises(ConfigError, match=rf"{shard} is missing \(listed in model.safetensors"):
+        _job(tmp_path)

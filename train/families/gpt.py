@@ -189,12 +189,24 @@ class GPTFamily(Family):
 
     def _load_hf_weights_(self, model: nn.Module) -> None:
         """Every parameter from the HF folder, onto this rank's shard (one tensor at a time)."""
+        from checkpoint.hf_llama import hf_name
+
         folder = self._hf_folder()
         for fqn, p in model.named_parameters():
-            full = folder.lattice_tensor(canonical_name(fqn)).to(torch.float32)
-            if full.shape[0] < p.shape[0] and full.ndim == 2:  # vocabulary padding rows
-                full = torch.cat(
-                    [full, full.new_zeros(p.shape[0] - full.shape[0], *full.shape[1:])]
+            name = canonical_name(fqn)
+            try:
+                full = folder.lattice_tensor(name).to(torch.float32)
+            except KeyError as exc:
+                raise ConfigError(f"model.from_hf={folder.path}: {exc.args[0]}") from None
+            vocab_rows = name in ("tok_embeddings.weight", "output.weight")
+            if vocab_rows and full.shape[0] < p.shape[0]:  # padding rows (tp, padded vocab)
+                pad = full.new_zeros(p.shape[0] - full.shape[0], *full.shape[1:])
+                full = torch.cat([full, pad])
+            if tuple(full.shape) != tuple(p.shape):
+                raise ConfigError(
+                    f"model.from_hf={folder.path}: tensor {hf_name(name)} has shape "
+                    f"{tuple(full.shape)}, but config.json implies {tuple(p.shape)}: the folder's "
+                    "weights and config.json disagree"
                 )
             copy_full_into_(p, full)
 
