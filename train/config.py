@@ -68,6 +68,10 @@ class TrainArgs:
     """Recompute each transformer block in backward instead of storing its activations."""
     compile: bool = False
     """``torch.compile`` each transformer block."""
+    peak_tflops: float = 0.0
+    """Peak TFLOP/s of one rank's accelerator, the denominator of the logged ``mfu``; 0 takes it
+    from the table in ``train/flops.py`` by GPU name (on CPU, or an unlisted GPU, no MFU is
+    logged: set it to get one)."""
     max_time_s: float = 0.0
     """Stop early after this many seconds of training (0 = no limit)."""
 

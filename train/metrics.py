@@ -51,12 +51,15 @@ class MetricsLogger:
                 {k: v for k, v in record.items() if k != "step"}, step=record.get("step")
             )
 
-    def progress(self, step: int, loss: float, items_per_s: float) -> None:
-        """Progress bar: step, loss and throughput (tokens or samples per second)."""
+    def progress(
+        self, step: int, loss: float, items_per_s: float, record: dict[str, Any] | None = None
+    ) -> None:
+        """Progress bar: step, loss, throughput (tokens or samples per second) and, from the
+        step's ``record``, model TFLOP/s per rank, MFU (when a peak is known) and peak memory."""
         if self._bar is not None:
             self._bar.n = step
-            rate = {f"{self.unit[:3]}_s": f"{items_per_s:,.0f}"}
-            self._bar.set_postfix(loss=f"{loss:.4f}", **rate, refresh=False)
+            post = {f"{self.unit[:3]}_s": f"{items_per_s:,.0f}", **perf_postfix(record or {})}
+            self._bar.set_postfix(loss=f"{loss:.4f}", **post, refresh=False)
             self._bar.refresh()
 
     def write(self, msg: str) -> None:
@@ -74,6 +77,18 @@ class MetricsLogger:
             self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def perf_postfix(record: dict[str, Any]) -> dict[str, str]:
+    """``TFLOP/s``, ``MFU`` (percent) and ``mem`` (GiB) of a record, those it has."""
+    out = {}
+    if "tflops_per_rank" in record:
+        out["TFLOP/s"] = f"{record['tflops_per_rank']:.3f}"
+    if record.get("mfu") is not None:
+        out["MFU"] = f"{100 * record['mfu']:.1f}%"
+    if "peak_mem_gib" in record:
+        out["mem"] = f"{record['peak_mem_gib']:.2f}GiB"
+    return out
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ RANGES: dict[str, tuple[float, bool, float, bool, str]] = {
     "train.eval_every": (0, True, math.inf, False, "steps between validations (0 = end only)"),
     "train.eval_batches": (1, True, math.inf, False, "validation batches"),
     "train.max_time_s": (0.0, True, math.inf, False, "the time limit (0 = none)"),
+    "train.peak_tflops": (0.0, True, math.inf, False, "the peak TFLOP/s for MFU (0 = auto)"),
     "parallel.timeout_s": (0.0, False, math.inf, False, "the collective timeout in seconds"),
     "parallel.hang_timeout_s": (0.0, True, math.inf, False, "the hang watchdog (0 = off)"),
     "checkpoint.keep_last": (0, True, math.inf, False, "checkpoints kept (0 = all)"),

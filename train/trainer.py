@@ -35,6 +35,7 @@ from train.config import JobConfig
 from train.families import get_family
 from train.families.base import Family
 from train.fields import refuse_ignored
+from train.flops import peak_memory_gib, resolve_peak, throughput_metrics
 from train.kernels import apply_fused_rmsnorm, build_apex_fused_adam, describe_kernels
 from train.metrics import MetricsLogger, plot_loss
 from train.optional import check_optional_packages
@@ -220,6 +221,8 @@ class Trainer:
         torch.manual_seed(job.train.seed)
         self.model = self.family.build_model(self.device, self.ckpt.saved_extra())
         self.fused_norms = apply_fused_rmsnorm(self.model) if self.dims.tp == 1 else 0
+        self.flops = self.family.flops_per_step()
+        self.peak_tflops = resolve_peak(job.train.peak_tflops, job.train.dtype, self.device)
         self.optimizer = build_run_optimizer(self.model, job, self.family)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -340,11 +343,20 @@ class Trainer:
             f"{self.family.unit}_per_s": rate,
             "step_time_s": dt,
             "elapsed_s": time.perf_counter() - start,
+            **throughput_metrics(self.flops, dt, self.dims.world_size, self.peak_tflops),
+            "peak_mem_gib": self._peak_memory_gib(),
         }
         record.update(self.family.metrics(self.model))
         self.metrics.log(record)
-        self.metrics.progress(self.step, record["loss"], rate)
+        self.metrics.progress(self.step, record["loss"], rate, record)
         return record
+
+    def _peak_memory_gib(self) -> float:
+        """The largest peak memory of any rank (``train.flops.peak_memory_gib``)."""
+        mem = torch.tensor([peak_memory_gib(self.device)], device=self.device)
+        if self.distributed:
+            dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+        return float(mem.item())
 
     def _header(self) -> None:
         self.metrics.write(
@@ -353,6 +365,12 @@ class Trainer:
             f"micro-batches/step: {self.plan.n_micro}"
         )
         self.metrics.write(describe_kernels(self.job, self.fused_norms))
+        if self.flops is not None:
+            peak = f"{self.peak_tflops:g} TFLOP/s" if self.peak_tflops else "unknown (no MFU)"
+            self.metrics.write(
+                f"model FLOPs/step: {self.flops.model:.4g} (causal attention at half cost), "
+                f"hardware {self.flops.hardware:.4g}; peak per rank: {peak}"
+            )
 
     def _preempt_signal(self) -> int:
         """The preemption signal any rank received (0: none); all ranks agree."""

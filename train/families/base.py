@@ -24,6 +24,7 @@ from checkpoint.adapter import CheckpointAdapter
 from parallelism.dims import ParallelDims
 from parallelism.utils import clip_grad_norm_
 from train.config import ModelArgs
+from train.flops import FlopCount
 
 
 class Family:
@@ -113,6 +114,11 @@ class Family:
     def items_per_step(self) -> int:
         """Tokens or samples one optimizer step consumes (for throughput)."""
         return self.job.train.global_batch_size
+
+    def flops_per_step(self) -> FlopCount | None:
+        """Analytic model and hardware FLOPs of one global step, forward + backward
+        (``train/flops.py``; called after ``build_model``); None: not known, nothing logged."""
+        return None
 
     # -- evaluation and metrics -----------------------------------------------------------------
     def evaluate(self, model: nn.Module, val_loader: Any) -> dict:

@@ -23,6 +23,7 @@ from models.partitioner import TowerPlan, contiguous_plan, interaction_affinity,
 from parallelism.init import materialize_and_init_
 from train.config import ModelArgs
 from train.families.recsys import DLRMArgs, RecsysFamily, plain_dlrm
+from train.flops import FlopCount, dmt_step_flops
 
 
 @dataclass
@@ -127,6 +128,20 @@ class DMTFamily(RecsysFamily):
         from parallelism.dmt import ShardedDMT
 
         return ShardedDMT(plain, topo, groups, comm, self.rank)
+
+    def flops_per_step(self) -> FlopCount:
+        """As DLRM's, plus every tower module; the global interaction spans the towers'
+        outputs (the plan is known once ``build_model`` ran)."""
+        m, data = self.job.model, self.click_data()
+        return dmt_step_flops(
+            self.job.train.global_batch_size,
+            data.num_dense,
+            self.plan.towers,
+            m.dim,
+            m.tower_out,
+            list(m.dense_layers),
+            list(m.over_layers),
+        )
 
     def state_dict(self) -> dict:
         return {"tower_plan": self.plan.to_dict()}

@@ -38,6 +38,7 @@ from parallelism.utils import all_reduce_mean
 from train.config import ModelArgs
 from train.data import BYTE_VOCAB, TokenShards, micro_batch_offset, read_meta, resolve_data_dir
 from train.families.base import Family
+from train.flops import FlopCount, gpt_step_flops
 from train.loaders import build_token_loader
 
 TOKEN_DATA = ("stdlib", "shards")
@@ -395,6 +396,13 @@ class GPTFamily(Family):
 
     def items_per_step(self) -> int:
         return self.job.train.global_batch_size * self.job.train.seq_len
+
+    def flops_per_step(self) -> FlopCount:
+        """Matmul FLOPs of the global batch, causal attention at half cost; MoE: the routed
+        ``top_k`` experts and the router (``MoEConfig`` from ``model_config``)."""
+        t = self.job.train
+        cfg = self.model_config()
+        return gpt_step_flops(cfg, t.global_batch_size, t.seq_len, t.activation_checkpoint)
 
     # -- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()

@@ -31,6 +31,7 @@ from parallelism.init import materialize_and_init_
 from parallelism.utils import clip_grad_norm_
 from train.config import ModelArgs
 from train.families.base import Family
+from train.flops import FlopCount, dlrm_step_flops
 from train.loaders import RecLoader, build_rec_loader
 from train.recsys_data import CriteoTSV, SyntheticClicks
 from train.recsys_metrics import auc, normalized_entropy
@@ -209,6 +210,18 @@ class RecsysFamily(Family):
         if self.world > 1:  # each sharded table counted once (tables live on one rank)
             return lambda params: model.clip_grad_norm_(0.0)
         return super().grad_norm(model)
+
+    def flops_per_step(self) -> FlopCount:
+        """Dense/over MLPs and the dot interaction of the global batch (lookups: no FLOPs)."""
+        m, data = self.job.model, self.click_data()
+        return dlrm_step_flops(
+            self.job.train.global_batch_size,
+            data.num_dense,
+            data.num_sparse,
+            m.dim,
+            list(m.dense_layers),
+            list(m.over_layers),
+        )
 
     def global_loss(self, local: torch.Tensor) -> float:
         if self.world > 1:
