@@ -127,6 +127,8 @@ class GPTFamily(Family):
         self.dp_rank = coord["dp_replicate"] * dims.dp_shard + coord["dp_shard"]
         self.pipeline: PipelineSchedule | None = None
         self.eos_id: int | None = None
+        self.from_hf_fields: tuple[str, ...] = ()
+        """``model.*`` fields set from ``model.from_hf``'s config.json (saved with the run)."""
 
     # -- before launch ------------------------------------------------------------------------
     def model_config(self) -> GPTConfig:
@@ -187,6 +189,7 @@ class GPTFamily(Family):
                     f"remove the override; model.from_hf sets every model.* field it defines"
                 )
             setattr(m, key, value)
+        self.from_hf_fields = tuple(kw)
 
     def _load_hf_weights_(self, model: nn.Module) -> None:
         """Every parameter from the HF folder, onto this rank's shard (one tensor at a time)."""
@@ -232,7 +235,8 @@ class GPTFamily(Family):
         return int(meta["eos_id"])
 
     def resolved_config(self) -> dict[str, Any]:
-        return {"model.vocab_size": self.job.model.vocab_size}
+        m = self.job.model
+        return {f"model.{k}": getattr(m, k) for k in ("vocab_size", *self.from_hf_fields)}
 
     def validate(self) -> None:
         job, dims = self.job, self.dims
