@@ -65,15 +65,17 @@ def export_hf(ckpt: Path | str, out: Path | str, max_shard_mb: float = 5000) -> 
             f"--format hf: model.name={model.get('name')!r} has no Hugging Face mapping yet "
             "(only the dense gpt family, as LlamaForCausalLM)"
         )
-    config = llama_config(model)
     out.mkdir(parents=True, exist_ok=True)
     weight_map, shard, shard_bytes, names, total = {}, {}, 0, [], 0
+    shapes: dict[str, tuple[int, ...]] = {}
     limit = int(max_shard_mb * (1 << 20))
+    tied = bool(model.get("tie_embeddings", False))
     for name, t in iter_consolidated(ckpt, "model/"):
         lattice = name.removeprefix("model/")
-        if lattice == "output.weight" and config["tie_word_embeddings"]:
+        shapes[lattice] = tuple(t.shape)
+        if lattice == "output.weight" and tied:
             continue  # HF ties lm_head to embed_tokens itself
-        key, t = to_hf_tensor(lattice, t, config)
+        key, t = to_hf_tensor(lattice, t, model)
         nbytes = t.numel() * t.element_size()
         if shard and shard_bytes + nbytes > limit:
             names.append(_write_shard(out, shard, len(names) + 1))
@@ -88,6 +90,12 @@ def export_hf(ckpt: Path | str, out: Path | str, max_shard_mb: float = 5000) -> 
     final = _rename_shards(out, names, weight_map)
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": final}, indent=2)
+    )
+    head_dim = int(model["dim"]) // int(model["n_heads"])
+    config = llama_config(
+        model,
+        ffn_hidden=shapes["layers.0.feed_forward.w1.weight"][0],
+        n_kv_heads=shapes["layers.0.attention.wk.weight"][0] // head_dim,
     )
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "generation_config.json").write_text(json.dumps({"_from_model_config": True}))

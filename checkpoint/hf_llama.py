@@ -18,8 +18,9 @@ differ between the two models, none of them in the math:
   ``tie_embeddings``.
 
 Checkpoint-side module: the import direction returns plain ``GPTConfig`` keyword arguments;
-the export direction (``lattice_to_llama``'s pieces, used by ``python -m checkpoint.export
---format hf``) builds a ``GPTConfig`` for its derived sizes (``models`` is below ``checkpoint``).
+the export direction (used by ``python -m checkpoint.export --format hf``) reads the derived
+sizes off the tensors. It imports no model code (checkpoint knows models only through the
+family's adapter).
 Features Lattice's GPT lacks (biases, rope scaling, another activation, a head size other than
 ``hidden_size / heads``) raise ``ValueError`` naming the config field.
 """
@@ -176,32 +177,30 @@ def hf_name(lattice_name: str) -> str:
     raise ValueError(f"no Llama name for Lattice parameter {lattice_name!r}")
 
 
-def llama_config(model: Mapping[str, Any], dtype: str = "float32") -> dict[str, Any]:
+def llama_config(
+    model: Mapping[str, Any], ffn_hidden: int, n_kv_heads: int, dtype: str = "float32"
+) -> dict[str, Any]:
     """``config.json`` of ``LlamaForCausalLM`` for a Lattice gpt ``model.*`` config (as saved in
-    a checkpoint's train state); the inverse of ``gpt_config_kwargs``."""
-    from models.gpt import GPTConfig  # its derived sizes (kv heads, SwiGLU hidden)
-
-    names = GPTConfig.__dataclass_fields__
-    cfg = GPTConfig(**{k: v for k, v in model.items() if k in names and k != "padded_vocab_size"})
-    dim, heads, kv, ffn = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_hidden
+    a checkpoint's train state); the inverse of ``gpt_config_kwargs``. The derived sizes
+    (``ffn_hidden``, ``n_kv_heads``) are read off the exported tensors by the caller, so no
+    model code is needed here."""
+    dim, heads = int(model["dim"]), int(model["n_heads"])
+    theta = float(model.get("rope_theta", 10000.0))
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
+        "vocab_size": int(model["vocab_size"]),
         "hidden_size": dim,
-        "intermediate_size": ffn,
-        "num_hidden_layers": cfg.n_layers,
+        "intermediate_size": int(ffn_hidden),
+        "num_hidden_layers": int(model["n_layers"]),
         "num_attention_heads": heads,
-        "num_key_value_heads": kv,
+        "num_key_value_heads": int(n_kv_heads),
         "head_dim": dim // heads,
         "hidden_act": "silu",
         "max_position_embeddings": int(model.get("max_seq_len", 2048)),
         "rms_norm_eps": float(model.get("norm_eps", 1e-5)),
-        "rope_theta": float(model.get("rope_theta", 10000.0)),
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": float(model.get("rope_theta", 1e4)),
-        },
+        "rope_theta": theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
         "tie_word_embeddings": bool(model.get("tie_embeddings", False)),
         "attention_bias": False,
         "mlp_bias": False,
@@ -209,11 +208,13 @@ def llama_config(model: Mapping[str, Any], dtype: str = "float32") -> dict[str, 
     }
 
 
-def to_hf_tensor(name: str, t: torch.Tensor, config: Mapping[str, Any]) -> tuple[str, torch.Tensor]:
-    """One Lattice tensor -> (HF name, HF tensor), RoPE rows permuted for q/k."""
-    head_dim = int(config["hidden_size"]) // int(config["num_attention_heads"])
+def to_hf_tensor(name: str, t: torch.Tensor, model: Mapping[str, Any]) -> tuple[str, torch.Tensor]:
+    """One Lattice tensor -> (HF name, HF tensor), RoPE rows permuted for q/k (``model``: the
+    saved ``model.*`` config)."""
+    heads = int(model["n_heads"])
+    head_dim = int(model["dim"]) // heads
     if name.endswith("attention.wq.weight"):
-        t = permute_rope(t, int(config["num_attention_heads"]))
+        t = permute_rope(t, heads)
     elif name.endswith("attention.wk.weight"):
         t = permute_rope(t, t.shape[0] // head_dim)
     return hf_name(name), t

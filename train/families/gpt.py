@@ -138,10 +138,18 @@ class GPTFamily(Family):
         fields = self.config_cls.__dataclass_fields__
         return self.config_cls(**{k: getattr(m, k) for k in fields if hasattr(m, k)})
 
-    def _resolve_vocab(self) -> None:
+    def _data_meta(self) -> dict | None:
+        """The data's ``meta.json`` (the byte-level one for ``stdlib``); None while the shards
+        are not there (``prepare`` then fails naming ``data.path``)."""
+        data = self.job.data
+        if data.name == "stdlib":
+            return {"vocab_size": BYTE_VOCAB}
+        path = Path(data.path)
+        return read_meta(path) if (path / "meta.json").is_file() else None
+
+    def _resolve_vocab(self, meta: dict) -> None:
         """``model.vocab_size`` from the data's ``meta.json`` (0), or checked against it."""
         m, data = self.job.model, self.job.data
-        meta = {"vocab_size": BYTE_VOCAB} if data.name == "stdlib" else read_meta(Path(data.path))
         have = int(meta["vocab_size"])
         if m.vocab_size == 0:
             m.vocab_size = have
@@ -214,18 +222,12 @@ class GPTFamily(Family):
                 )
             copy_full_into_(p, full)
 
-    def _document_eos(self) -> int | None:
+    def _document_eos(self, meta: dict) -> int | None:
         """The EOS id that ends documents when ``data.document_mask`` is on (else None)."""
         job = self.job
         if not job.data.document_mask:
             return None
-        if self.dims.pp > 1:
-            raise LayoutError(
-                f"data.document_mask=true with parallel.pp={self.dims.pp} is not supported yet "
-                "(pipeline stages receive no document boundaries): use pp=1 or drop the mask"
-            )
         meta_path = Path(job.data.path or "data_cache/stdlib") / "meta.json"
-        meta = read_meta(meta_path.parent) if job.data.name == "shards" else {}
         if meta.get("eos_id") is None:
             raise ConfigError(
                 f"data.document_mask=true needs document boundaries, but {meta_path} records no "
@@ -246,8 +248,14 @@ class GPTFamily(Family):
                 "or data=shards"
             )
         self._apply_hf_config()
-        self._resolve_vocab()
-        self.eos_id = self._document_eos()
+        meta = self._data_meta()
+        if meta is not None:
+            self._resolve_vocab(meta)
+        if job.data.document_mask and dims.pp > 1:
+            raise LayoutError(
+                f"data.document_mask=true with parallel.pp={dims.pp} is not supported yet "
+                "(pipeline stages receive no document boundaries): use pp=1 or drop the mask"
+            )
         cfg = self.model_config()  # dim % n_heads, n_heads % n_kv_heads
         if job.train.seq_len > cfg.max_seq_len:
             raise LayoutError(
@@ -260,6 +268,10 @@ class GPTFamily(Family):
 
     def prepare(self) -> None:
         self.data_dir = resolve_data_dir(self.job.data)
+        meta = self._data_meta()
+        assert meta is not None  # resolve_data_dir refused missing shards
+        self._resolve_vocab(meta)
+        self.eos_id = self._document_eos(meta)
 
     # -- build ----------------------------------------------------------------------------------
     def build_model(self, device: torch.device, saved: Any = None) -> nn.Module:
