@@ -27,6 +27,7 @@ Features Lattice's GPT lacks (biases, rope scaling, another activation, a head s
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -137,20 +138,26 @@ def llama_to_lattice(
         model = GPT(GPTConfig(**kw)); model.load_state_dict(sd)
     """
     kw = gpt_config_kwargs(config)
-    head_dim = kw["dim"] // kw["n_heads"]
     out: dict[str, torch.Tensor] = {}
     for name, t in state_dict.items():
         new = rename(name)
         if new is None:
             continue
-        if new.endswith("attention.wq.weight"):
-            t = unpermute_rope(t, kw["n_heads"])
-        elif new.endswith("attention.wk.weight"):
-            t = unpermute_rope(t, t.shape[0] // head_dim)
-        out[new] = t.detach().clone()
+        out[new] = to_lattice_tensor(new, t, kw).detach().clone()
     if kw["tie_embeddings"]:
         out["output.weight"] = out["tok_embeddings.weight"]
     return kw, out
+
+
+def to_lattice_tensor(name: str, t: torch.Tensor, kw: Mapping[str, Any]) -> torch.Tensor:
+    """An HF tensor in Lattice's layout: q/k rows in interleaved RoPE order (``kw``: the
+    ``GPTConfig`` kwargs of ``gpt_config_kwargs``)."""
+    head_dim = int(kw["dim"]) // int(kw["n_heads"])
+    if name.endswith("attention.wq.weight"):
+        return unpermute_rope(t, int(kw["n_heads"]))
+    if name.endswith("attention.wk.weight"):
+        return unpermute_rope(t, t.shape[0] // head_dim)
+    return t
 
 
 # -- Lattice -> Hugging Face (export) -----------------------------------------------------------
@@ -267,14 +274,13 @@ class HFFolder:
 
     def lattice_tensor(self, lattice_name: str) -> torch.Tensor:
         """The Lattice GPT tensor ``lattice_name`` (RoPE rows in Lattice's order)."""
-        kw = gpt_config_kwargs(self.config)
+        kw = self.kwargs
         key = hf_name(lattice_name)
         if key == "lm_head.weight" and key not in self.files and kw["tie_embeddings"]:
             key = "model.embed_tokens.weight"
-        t = self.get(key)
-        head_dim = kw["dim"] // kw["n_heads"]
-        if lattice_name.endswith("attention.wq.weight"):
-            t = unpermute_rope(t, kw["n_heads"])
-        elif lattice_name.endswith("attention.wk.weight"):
-            t = unpermute_rope(t, t.shape[0] // head_dim)
-        return t
+        return to_lattice_tensor(lattice_name, self.get(key), kw)
+
+    @functools.cached_property
+    def kwargs(self) -> dict[str, Any]:
+        """The ``GPTConfig`` kwargs of ``config.json`` (computed once)."""
+        return gpt_config_kwargs(self.config)

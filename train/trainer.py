@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -381,9 +382,7 @@ class Trainer:
 
     def _stop_preempted(self, signum: int) -> None:
         """Checkpoint the current step, record the preemption, and raise ``Preempted``."""
-        import signal as _signal
-
-        name = _signal.Signals(signum).name
+        name = signal.Signals(signum).name
         self.watchdog.beat(self.step, f"preemption checkpoint ({name})")
         if self.job.checkpoint.enabled:
             if self.ckpt.last_saved != self.step:
