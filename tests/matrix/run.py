@@ -27,6 +27,7 @@ def _row(o: Outcome) -> dict:
         "loss_rel_diff": o.loss_rel_diff,
         "weight_abs_diff": o.weight_abs_diff,
         "seconds": round(o.seconds, 2),
+        "seed": o.seed,
         "detail": o.detail[:300],
     }
 
@@ -60,13 +61,13 @@ def write(outcomes: list[Outcome], out: Path, title: str, wall: float) -> None:
         f"{summary['invalid_checked']} invalid layouts checked for their one-line error; "
         f"**{summary['failures']} failures**; wall {summary['wall_s']} s on this machine.",
         "",
-        "| layout | world | pass | max loss rel diff | max weight abs diff | s |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| layout | world | pass | max loss rel diff | max weight abs diff | seed | s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in valid:
         lines.append(
             f"| {r['layout']} | {r['world']} | {_status(r)} | "
-            f"{r['loss_rel_diff']:.1e} | {r['weight_abs_diff']:.1e} | {r['seconds']} |"
+            f"{r['loss_rel_diff']:.1e} | {r['weight_abs_diff']:.1e} | {r['seed']} | {r['seconds']} |"
         )
     lines += ["", "## Invalid layouts (each must fail before launch, naming the field)", ""]
     lines += ["| layout | world | pass | error |", "| --- | --- | --- | --- |"]

@@ -5,6 +5,8 @@ share a spawn of gloo ranks (``tests.distributed.harness``) per ``LAYOUTS_PER_SP
 after the other. The single process runs once per distinct (family, global batch, global
 micro-batch) in this process. A layout passes when every logged loss and the final validation
 loss equal the reference's (rel 1e-5) and every final weight does (``close_weights``: 1e-4).
+The reference takes the first seed whose MoE routing stays ``MIN_MARGIN`` from every discrete
+decision (``tests.matrix.margins``), and the layout runs at that seed.
 Each invalid layout must fail ``plan_run`` before any process group exists, with a one-line
 error that contains ``expected_error``'s text.
 """
@@ -51,6 +53,8 @@ class Outcome:
     weight_abs_diff: float = float("nan")
     detail: str = ""
     expected: str | None = field(default=None)
+    seed: int = 0
+    """The seed of the layout and its reference (``reference``)."""
 
 
 def base_overrides(data_dir: str) -> list[str]:
@@ -81,15 +85,19 @@ def _keeps_weights(lay: Layout, rank: int) -> bool:
     return all(c[k] == 0 for k in ("tp", "sp", "dp_shard", "dp_replicate"))
 
 
-def run_world(rank: int, world: int, layouts: list[Layout], base: list[str], tmp: str) -> list:
-    """On every rank of one spawn: each layout in turn; (seconds, result or error text)."""
+def run_world(
+    rank: int, world: int, layouts: list[Layout], seeds: list[int], base: list[str], tmp: str
+) -> list:
+    """On every rank of one spawn: each layout in turn, at its reference's seed; (seconds,
+    result or error text)."""
     import traceback
 
     out = []
-    for i, lay in enumerate(layouts):
+    for i, (lay, seed) in enumerate(zip(layouts, seeds)):
         t0 = time.perf_counter()
         try:
-            res = _train([*base, *lay.overrides(), f"run.dir={tmp}/w{world}_{i}"])
+            overrides = [*base, *lay.overrides(), f"train.seed={seed}"]
+            res = _train([*overrides, f"run.dir={tmp}/w{world}_{i}"])
             if not _keeps_weights(lay, rank):
                 res["weights"] = {}
             res["weights"] = {k: v.numpy() for k, v in res["weights"].items()}
@@ -100,13 +108,36 @@ def run_world(rank: int, world: int, layouts: list[Layout], base: list[str], tmp
     return out
 
 
+SEEDS = range(10)
+"""The seeds a reference may take: the first whose router margins clear ``MIN_MARGIN``."""
+
+
 def reference(lay: Layout, base: list[str], tmp: str, cache: dict) -> dict:
-    if lay.reference_key not in cache:
-        run_dir = f"{tmp}/ref_{len(cache)}"
-        res = _train([*base, *lay.reference_overrides(), f"run.dir={run_dir}"])
-        res["weights"] = {k: v.numpy() for k, v in res["weights"].items()}
-        cache[lay.reference_key] = res
-    return cache[lay.reference_key]
+    """The single process on ``lay``'s global micro-batches, at the first seed of ``SEEDS``
+    whose smallest router decision margin (``tests.matrix.margins``) is at least
+    ``MIN_MARGIN``; its ``seed`` and ``margin`` are in the result (``gpt``: seed 0, no
+    router)."""
+    from tests.matrix.margins import MIN_MARGIN, record_margins
+
+    if lay.reference_key in cache:
+        return cache[lay.reference_key]
+    for seed in SEEDS:
+        run_dir = f"{tmp}/ref_{len(cache)}_seed{seed}"
+        with record_margins() as margins:
+            res = _train(
+                [*base, *lay.reference_overrides(), f"train.seed={seed}", f"run.dir={run_dir}"]
+            )
+        res["seed"], res["margin"] = seed, min(margins, default=float("inf"))
+        if res["margin"] >= MIN_MARGIN:
+            break
+    else:
+        raise AssertionError(
+            f"{lay.reference_key}: no seed in {SEEDS} routes every token at least {MIN_MARGIN} "
+            "from a decision boundary; widen SEEDS"
+        )
+    res["weights"] = {k: v.numpy() for k, v in res["weights"].items()}
+    cache[lay.reference_key] = res
+    return res
 
 
 def close_weights(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
@@ -123,7 +154,8 @@ def close_weights(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
 def compare(lay: Layout, seconds: float, per_rank: list, ref: dict) -> Outcome:
     if any(isinstance(r, str) for r in per_rank):
         err = next(r for r in per_rank if isinstance(r, str))
-        return Outcome(lay, False, seconds, detail=err.strip().splitlines()[-1])
+        detail = err.strip().splitlines()[-1]
+        return Outcome(lay, False, seconds, detail=detail, seed=ref.get("seed", 0))
     losses, val = per_rank[0]["losses"], per_rank[0]["val"]
     weights: dict = {}
     for r in per_rank:
@@ -146,8 +178,9 @@ def compare(lay: Layout, seconds: float, per_rank: list, ref: dict) -> Outcome:
             w_diff = max(w_diff, float((g - w).abs().max()))
             close_weights(g, w, f"{lay.name} {name}")
     except AssertionError as exc:
-        return Outcome(lay, False, seconds, loss_diff, w_diff, str(exc).splitlines()[0][:200])
-    return Outcome(lay, True, seconds, max(loss_diff, val_diff), w_diff)
+        msg = str(exc).splitlines()[0][:200]
+        return Outcome(lay, False, seconds, loss_diff, w_diff, msg, seed=ref.get("seed", 0))
+    return Outcome(lay, True, seconds, max(loss_diff, val_diff), w_diff, seed=ref.get("seed", 0))
 
 
 @contextmanager
@@ -223,7 +256,8 @@ def _run_chunk(world: int, chunk: list[Layout], refs: list[dict], base: list[str
     # A layout on 8 ranks takes 20-45 s on 2 cores (cold DTensor sharding propagation for
     # each new mesh), more beside other jobs: 60 s each bounds the spawn, not a layout.
     timeout_s = 120 + 60 * len(chunk)
-    results = run_on_ranks(run_world, world, chunk, base, tmp, timeout_s=timeout_s)
+    seeds = [ref["seed"] for ref in refs]
+    results = run_on_ranks(run_world, world, chunk, seeds, base, tmp, timeout_s=timeout_s)
     outcomes = []
     for i, (lay, ref) in enumerate(zip(chunk, refs)):
         if i >= len(results[0]):
