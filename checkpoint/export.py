@@ -7,8 +7,10 @@ in one safetensors file; ``--all`` also writes optimizer state.
 missing or unexpected key: ``config.json``, ``generation_config.json``, safetensors shards of at
 most ``--max-shard-mb`` with ``model.safetensors.index.json``, HF names and HF's RoPE row order
 (``checkpoint/hf_llama.py``). It works from any saved layout (the tensors are consolidated from
-the universal checkpoint) and streams: one tensor is assembled at a time, and at most one output
-shard is held in memory. Only the dense ``gpt`` family maps to an HF architecture so far.
+the universal checkpoint) and streams: one tensor is assembled at a time (its chunks read with
+``pread``, never memory-mapped), and at most one output shard is held in memory. A run started
+with ``model.from_hf=DIR`` gets DIR's tokenizer files and ``generation_config.json`` copied
+along, and its bos/eos/pad token ids kept in ``config.json``. Only the dense ``gpt`` family maps to an HF architecture so far.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -97,9 +100,59 @@ def export_hf(ckpt: Path | str, out: Path | str, max_shard_mb: float = 5000) -> 
         ffn_hidden=shapes["layers.0.feed_forward.w1.weight"][0],
         n_kv_heads=shapes["layers.0.attention.wk.weight"][0] // head_dim,
     )
+    config.update(_token_ids(model.get("from_hf") or ""))
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    (out / "generation_config.json").write_text(json.dumps({"_from_model_config": True}))
+    copied = _copy_beside(model.get("from_hf") or "", out)
+    if "generation_config.json" not in copied:
+        (out / "generation_config.json").write_text(json.dumps(_generation_config(config)))
     return len(final)
+
+
+# What save_pretrained / a tokenizer's save_pretrained put beside the weights, copied along.
+BESIDE_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+
+def _copy_beside(source: str, out: Path) -> list[str]:
+    """Copy the tokenizer and generation files of the imported model's folder (the run's
+    ``model.from_hf``) into ``out``; the names copied (none when there is no such folder)."""
+    src = Path(source) if source else None
+    if src is None or not src.is_dir():
+        return []
+    copied = []
+    for name in BESIDE_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, out / name)
+            copied.append(name)
+    return copied
+
+
+def _token_ids(source: str) -> dict:
+    """bos/eos/pad token ids of the imported model's ``config.json`` (kept on export)."""
+    cfg = Path(source) / "config.json" if source else None
+    if cfg is None or not cfg.is_file():
+        return {}
+    saved = json.loads(cfg.read_text())
+    return {k: saved[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in saved}
+
+
+def _generation_config(config: dict) -> dict:
+    """A ``generation_config.json`` for a model with no imported one (transformers' own
+    ``GenerationConfig.from_model_config`` keeps the token ids of ``config.json``)."""
+    out: dict = {"_from_model_config": True}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if config.get(key) is not None:
+            out[key] = config[key]
+    return out
 
 
 def _rename_shards(out: Path, names: list[str], weight_map: dict[str, str]) -> dict[str, str]:

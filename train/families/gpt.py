@@ -29,7 +29,12 @@ from torch.distributed.tensor import DTensor
 from checkpoint.adapter import CheckpointAdapter
 from models.errors import ConfigError, LayoutError
 from models.gpt import GPT, GPTConfig, document_ids, document_mask, document_positions
-from parallelism.init import canonical_name, copy_full_into_, materialize_and_init_
+from parallelism.init import (
+    canonical_name,
+    copy_local_into_,
+    local_index,
+    materialize_and_init_,
+)
 from parallelism.parallelize_gpt import finalize_data_parallel, parallelize_gpt
 from parallelism.pipeline import PipelineSchedule, build_schedule, validate_pipeline
 from parallelism.tensor_parallel import tp_loss_context, validate_tensor_parallel
@@ -128,6 +133,8 @@ class GPTFamily(Family):
         self.pipeline: PipelineSchedule | None = None
         self.eos_id: int | None = None
         self.from_hf_fields: tuple[str, ...] = ()
+        self.hf_bytes_read = 0
+        """Tensor bytes this rank read from ``model.from_hf`` (its shards' byte ranges)."""
         """``model.*`` fields set from ``model.from_hf``'s config.json (saved with the run)."""
 
     # -- before launch ------------------------------------------------------------------------
@@ -200,27 +207,29 @@ class GPTFamily(Family):
         self.from_hf_fields = tuple(kw)
 
     def _load_hf_weights_(self, model: nn.Module) -> None:
-        """Every parameter from the HF folder, onto this rank's shard (one tensor at a time)."""
+        """Every parameter from the HF folder: each rank reads only the byte ranges of its own
+        shard (``parallelism.init.local_index``; ``HFFolder.read_local``), one tensor at a time,
+        so its peak memory is its shard plus about one tensor's slice."""
         from checkpoint.hf_llama import hf_name
 
         folder = self._hf_folder()
         for fqn, p in model.named_parameters():
             name = canonical_name(fqn)
             try:
-                full = folder.lattice_tensor(name).to(torch.float32)
+                stored = folder.shape(name)
             except KeyError as exc:
                 raise ConfigError(f"model.from_hf={folder.path}: {exc.args[0]}") from None
-            vocab_rows = name in ("tok_embeddings.weight", "output.weight")
-            if vocab_rows and full.shape[0] < p.shape[0]:  # padding rows (tp, padded vocab)
-                pad = full.new_zeros(p.shape[0] - full.shape[0], *full.shape[1:])
-                full = torch.cat([full, pad])
-            if tuple(full.shape) != tuple(p.shape):
+            want = tuple(p.shape)
+            if name in ("tok_embeddings.weight", "output.weight"):  # padded vocabulary rows
+                want = (min(want[0], int(self.job.model.vocab_size)), *want[1:])
+            if stored != want:
                 raise ConfigError(
                     f"model.from_hf={folder.path}: tensor {hf_name(name)} has shape "
-                    f"{tuple(full.shape)}, but config.json implies {tuple(p.shape)}: the folder's "
+                    f"{stored}, but config.json implies {want}: the folder's "
                     "weights and config.json disagree"
                 )
-            copy_full_into_(p, full)
+            copy_local_into_(p, folder.read_local(name, local_index(p)))
+        self.hf_bytes_read = folder.bytes_read
 
     def _document_eos(self, meta: dict) -> int | None:
         """The EOS id that ends documents when ``data.document_mask`` is on (else None)."""
