@@ -103,6 +103,7 @@ def lattice_side(overrides: list[str], x: torch.Tensor) -> dict:
         trainer.train_loader.next_batch = recording_batch
         trainer.optimizer.step = recording_step
         trainer.fit()
+        final_logits = _layout_logits(trainer, x)
         losses = []
         if trainer.is_rank0:
             records = read_metrics(Path(job.run.dir) / "metrics.jsonl")
@@ -111,12 +112,30 @@ def lattice_side(overrides: list[str], x: torch.Tensor) -> dict:
         return {
             "coord": coord,
             "logits": logits,
+            "final_logits": final_logits,
             "losses": losses,
             "bytes_read": trainer.family.hf_bytes_read,
+            "shard_bytes": shard_bytes(trainer.model, job.model.vocab_size),
             **rec,
         }
     finally:
         trainer.close()
+
+
+def shard_bytes(model: torch.nn.Module, vocab: int) -> int:
+    """fp32 bytes of this rank's local parameters, vocabulary padding rows left out: what an
+    import that reads only its own shard reads."""
+    from parallelism.init import canonical_name, local_index
+
+    total = 0
+    for name, p in model.named_parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        n = local.numel()
+        if canonical_name(name) in ("tok_embeddings.weight", "output.weight"):
+            rows = local_index(p)[0]
+            n -= int((rows >= vocab).sum()) * (n // max(1, rows.numel()))
+        total += n * 4
+    return total
 
 
 def to_lattice(hf_tensors: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:

@@ -144,3 +144,20 @@ def test_one_training_step_equals_transformers_adamw(
     want = hf_step(hf, got["batch"], load_config([*STEP, *over])[0].optim)
     assert abs(got["losses"][0] - want["loss"]) <= 1e-5 * abs(want["loss"]), (got, want["loss"])
     assert_step_equal(got, want, variant)
+
+
+def test_read_box_reads_any_index_set_of_a_tensor(tmp_path: Path):
+    """Row/column sets in any order, with gaps and repeats (a strided shard, RoPE rows)."""
+    from safetensors.torch import save_file
+
+    from checkpoint.safetensors_slices import read_box, runs
+
+    full = torch.randn(12, 10)
+    save_file({"w": full, "b": full[0].clone()}, tmp_path / "t.safetensors")
+    rows, cols = torch.tensor([7, 0, 1, 2, 9, 9, 11]), torch.tensor([3, 4, 8, 0])
+    assert runs(rows) == [(0, 3), (7, 8), (9, 10), (11, 12)]
+    got = read_box(tmp_path / "t.safetensors", "w", (rows, cols))
+    assert torch.equal(got, full[rows][:, cols])
+    assert torch.equal(read_box(tmp_path / "t.safetensors", "w", (torch.arange(4, 8),)), full[4:8])
+    assert torch.equal(read_box(tmp_path / "t.safetensors", "b", (cols,)), full[0][cols])
+    assert read_box(tmp_path / "t.safetensors", "w", (rows[:0], cols)).shape == (0, 4)
