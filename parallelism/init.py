@@ -43,11 +43,15 @@ def copy_full_into_(param: torch.Tensor, full: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def materialize_and_init_(model: nn.Module, seed: int, device: torch.device | str = "cpu") -> None:
+def materialize_and_init_(
+    model: nn.Module, seed: int, device: torch.device | str = "cpu", init: bool = True
+) -> None:
     """Allocate a (meta) model on ``device`` and fill every parameter from its seeded generator.
 
     The model (or the module that owns the parameters under wrappers) must define
-    ``init_tensor(name, shape, generator)``.
+    ``init_tensor(name, shape, generator)``. ``init=False`` only allocates (and re-ties): for a
+    caller that fills every parameter itself (``model.from_hf``), which then never holds a full
+    random tensor.
     """
     root = getattr(model, "init_tensor", None)
     if root is None:
@@ -55,6 +59,8 @@ def materialize_and_init_(model: nn.Module, seed: int, device: torch.device | st
     shared = _shared_parameters(model)
     model.to_empty(device=device)
     _retie_(shared)
+    if not init:
+        return
     for fqn, p in model.named_parameters():
         name = canonical_name(fqn)
         full = root(name, tuple(p.shape), param_generator(seed, name))

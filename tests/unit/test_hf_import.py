@@ -25,18 +25,18 @@ def save_tiny_llama(
     ``config``: more ``LlamaConfig`` fields (e.g. llama3 ``rope_parameters`` once Lattice's GPT
     has RoPE scaling: see ``LLAMA_VARIANTS``)."""
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=tie,
-        **config,
-    )
+    fields = {
+        "vocab_size": VOCAB,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": tie,
+    }
+    cfg = transformers.LlamaConfig(**{**fields, **config})
     hf = transformers.LlamaForCausalLM(cfg).eval()
     hf.save_pretrained(path, max_shard_size="100KB")  # several shards + index
     return hf
@@ -161,3 +161,13 @@ def test_read_box_reads_any_index_set_of_a_tensor(tmp_path: Path):
     assert torch.equal(read_box(tmp_path / "t.safetensors", "w", (torch.arange(4, 8),)), full[4:8])
     assert torch.equal(read_box(tmp_path / "t.safetensors", "b", (cols,)), full[0][cols])
     assert read_box(tmp_path / "t.safetensors", "w", (rows[:0], cols)).shape == (0, 4)
+
+
+def test_config_group_values_yield_to_config_json(tmp_path: Path, tiny_data: str):
+    """gpt_tiny.yaml sets n_kv_heads=2 and dim=128: config.json's 4 and 32 win (only a
+    command-line ``model.*`` that contradicts config.json is refused)."""
+    save_tiny_llama(tmp_path / "hf", num_key_value_heads=4)
+    job, _, _ = _job(tmp_path, data=tiny_data)
+    assert (job.model.n_kv_heads, job.model.dim) == (4, 32)
+    with pytest.raises(ConfigError, match=r"model.n_kv_heads=2 contradicts .*config.json \(4\)"):
+        _job(tmp_path, "model.n_kv_heads=2")

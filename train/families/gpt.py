@@ -196,9 +196,11 @@ class GPTFamily(Family):
         except ValueError as exc:
             raise ConfigError(f"model.from_hf={m.from_hf!r}: {exc}") from None
         defaults = type(m)()
+        explicit = getattr(m, "cli_fields", None)  # load_config records them
         for key, value in kw.items():
             mine = getattr(m, key)
-            if mine != getattr(defaults, key) and mine != value:
+            overridden = key in explicit if explicit is not None else mine != getattr(defaults, key)
+            if overridden and mine != value:
                 raise ConfigError(
                     f"model.{key}={mine} contradicts {folder.path / 'config.json'} ({value}): "
                     f"remove the override; model.from_hf sets every model.* field it defines"
@@ -290,8 +292,9 @@ class GPTFamily(Family):
         with torch.device("meta"):
             model = self.model_cls(self.model_config())
         model = parallelize_gpt(model, self.dims, job)
-        materialize_and_init_(model, job.train.seed, device)
-        if getattr(job.model, "from_hf", ""):
+        from_hf = bool(getattr(job.model, "from_hf", ""))
+        materialize_and_init_(model, job.train.seed, device, init=not from_hf)
+        if from_hf:  # every parameter is read from the folder (a missing one fails)
             self._load_hf_weights_(model)
         model = finalize_data_parallel(model, self.dims)
         if self.dims.pp > 1:
