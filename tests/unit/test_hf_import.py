@@ -93,30 +93,6 @@ def test_contradicting_override_and_other_architectures_are_refused(tmp_path: Pa
         _job(tmp_path, f"model.from_hf={tmp_path / 'nothing'}")
 
 
-def test_missing_shard_and_contradicting_tensor_shape_name_the_file(
-    tmp_path: Path, monkeypatch, tiny_data: str
-):
-    from safetensors.torch import load_file, save_file
-
-    from train.trainer import Trainer
-
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    save_tiny_llama(tmp_path / "hf")
-    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
-    shard = index["weight_map"]["model.layers.0.mlp.up_proj.weight"]
-    tensors = load_file(tmp_path / "hf" / shard)
-    tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(48, 32)  # config says (64, 32)
-    save_file(tensors, tmp_path / "hf" / shard, metadata={"format": "pt"})
-    job, cfg, plan = _job(tmp_path, data=tiny_data)
-    with pytest.raises(
-        ConfigError, match=r"model.layers.0.mlp.up_proj.weight has shape \(48, 32\)"
-    ):
-        Trainer(job, cfg, plan)
-    (tmp_path / "hf" / shard).unlink()
-    with pytest.raises(ConfigError, match=rf"{shard} is missing \(listed in model.safetensors"):
-        _job(tmp_path)
-
-
 # The Llama variants the parity tests import. TODO(issue 16, hfmoe): add
 # ``"llama3": {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
 # "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}``
@@ -171,3 +147,51 @@ def test_config_group_values_yield_to_config_json(tmp_path: Path, tiny_data: str
     assert (job.model.n_kv_heads, job.model.dim) == (4, 32)
     with pytest.raises(ConfigError, match=r"model.n_kv_heads=2 contradicts .*config.json \(4\)"):
         _job(tmp_path, "model.n_kv_heads=2")
+
+
+def _break_folder(hf: Path, case: str) -> str:
+    """Damage a saved folder as ``case`` says; the text the error line must contain."""
+    from safetensors.torch import load_file, save_file
+
+    index_path = hf / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    key = "model.layers.1.mlp.down_proj.weight"
+    shard = index["weight_map"][key]
+    if case == "no_config":
+        (hf / "config.json").unlink()
+        return f"{hf / 'config.json'} is missing"
+    if case == "architecture":
+        cfg = json.loads((hf / "config.json").read_text())
+        cfg["architectures"] = ["GPT2LMHeadModel"]
+        (hf / "config.json").write_text(json.dumps(cfg))
+        return "is a GPT2LMHeadModel (config.json architectures)"
+    if case == "shard_file":
+        (hf / shard).unlink()
+        return f"{hf / shard} is missing (listed in model.safetensors.index.json)"
+    if case == "key_not_in_index":
+        del index["weight_map"][key]
+        index_path.write_text(json.dumps(index))
+        return f"{index_path} holds no tensor '{key}'"
+    tensors = load_file(hf / shard)
+    tensors[key] = torch.zeros(32, 48)  # config.json says (32, 64)
+    save_file(tensors, hf / shard, metadata={"format": "pt"})
+    return f"tensor {key} has shape (32, 48), but config.json implies (32, 64)"
+
+
+@pytest.mark.parametrize(
+    "case", ["no_config", "architecture", "shard_file", "key_not_in_index", "shape"]
+)
+def test_bad_folder_fails_with_one_line_naming_the_file_or_key(
+    tmp_path: Path, monkeypatch, capsys, tiny_data: str, case: str
+):
+    from train.__main__ import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    save_tiny_llama(tmp_path / "hf")
+    expected = _break_folder(tmp_path / "hf", case)
+    capsys.readouterr()  # save_pretrained's progress bar
+    argv = [f"model.from_hf={tmp_path / 'hf'}", f"data.path={tiny_data}", "train.seq_len=16"]
+    assert main([*argv, f"run.dir={tmp_path / 'run'}", "train.steps=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert expected in err, err
