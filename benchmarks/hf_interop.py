@@ -163,43 +163,84 @@ def save_checkpoint(model: Any, family: Any, root: Path) -> Path:
     return committed_steps(root)[-1]
 
 
-def timings(hf_dir: Path, tmp: Path, a: argparse.Namespace) -> dict[str, list[float]]:
+def _import_hf(hf_dir: Path, read_all: bool) -> float:
+    """``from_pretrained`` seconds; ``read_all``: plus reading every weight once (transformers
+    may hand back tensors still backed by the file's memory map, read on first use)."""
+    import transformers
+
+    t0 = time.perf_counter()
+    m = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    if read_all:
+        with torch.no_grad():
+            sum(float(p.sum()) for p in m.parameters())
+    return time.perf_counter() - t0
+
+
+def _export_peak(ckpt: Path, out: Path, shard_mb: int, queue: Any) -> None:
+    """In a fresh process (no freed heap to reuse): the export's peak extra RSS."""
+    from checkpoint.export import export_hf
+
+    torch.set_num_threads(1)
+    with PeakRSS() as mem:
+        export_hf(ckpt, out, max_shard_mb=shard_mb)
+    queue.put((mem.peak - mem.start) / 2**20)
+
+
+def export_memory(ckpt: Path, out: Path, shard_mb: int) -> float:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    p = ctx.Process(target=_export_peak, args=(ckpt, out, shard_mb, queue))
+    p.start()
+    peak = queue.get(timeout=1800)
+    p.join()
+    shutil.rmtree(out, ignore_errors=True)
+    return peak
+
+
+METHODS = (
+    "ours_import",
+    "hf_import",
+    "hf_import_read_all",
+    "ours_export",
+    "ours_export_no_verify",
+    "hf_export",
+)
+
+
+def timings(hf_dir: Path, tmp: Path, a: argparse.Namespace) -> tuple[dict[str, list[float]], Path]:
+    """Per method, ``a.repeats`` seconds (rotating order); and the Lattice checkpoint."""
     import transformers
 
     from checkpoint.export import export_hf
 
     torch.set_num_threads(1)
-    raw: dict[str, list[float]] = {k: [] for k in ("ours_import", "hf_import")}
-    raw.update({"ours_export": [], "hf_export": [], "ours_export_peak_extra_mb": []})
     model, family, _, _ = lattice_import(_overrides(hf_dir, tmp, "run1", []))
     ckpt = save_checkpoint(model, family, tmp / "ckpt")
     del model
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+
+    def run(method: str, rep: int) -> float:
+        if method == "ours_import":
+            return lattice_import(_overrides(hf_dir, tmp, f"r{rep}", []))[2]
+        if method.startswith("hf_import"):
+            return _import_hf(hf_dir, method.endswith("read_all"))
+        out = tmp / f"out-{method}-{rep}"
+        t0 = time.perf_counter()
+        if method == "hf_export":
+            hf.save_pretrained(out, max_shard_size=f"{a.shard_mb}MB")
+        else:
+            export_hf(ckpt, out, max_shard_mb=a.shard_mb, verify=method == "ours_export")
+        seconds = time.perf_counter() - t0
+        shutil.rmtree(out)
+        return seconds
+
+    raw: dict[str, list[float]] = {m: [] for m in METHODS}
     for rep in range(a.repeats):
-        order = ["ours", "hf"] if rep % 2 == 0 else ["hf", "ours"]
-        for who in order:
-            if who == "ours":
-                m, _, seconds, _ = lattice_import(_overrides(hf_dir, tmp, f"r{rep}", []))
-                del m
-            else:
-                t0 = time.perf_counter()
-                m = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-                seconds = time.perf_counter() - t0
-                del m
-            raw[f"{who}_import"].append(seconds)
-            out = tmp / f"out-{who}-{rep}"
-            with PeakRSS() as mem:
-                t0 = time.perf_counter()
-                if who == "ours":
-                    export_hf(ckpt, out, max_shard_mb=a.shard_mb)
-                else:
-                    hf.save_pretrained(out, max_shard_size=f"{a.shard_mb}MB")
-                raw[f"{who}_export"].append(time.perf_counter() - t0)
-            if who == "ours":
-                raw["ours_export_peak_extra_mb"].append((mem.peak - mem.start) / 2**20)
-            shutil.rmtree(out)
-            print(who, rep, {k: v[-1] for k, v in raw.items() if v}, flush=True)
-    return raw
+        k = rep % len(METHODS)
+        for method in METHODS[k:] + METHODS[:k]:
+            raw[method].append(run(method, rep))
+        print(rep, {m: v[-1] for m, v in raw.items()}, flush=True)
+    return raw, ckpt
 
 
 def main() -> None:
@@ -225,17 +266,21 @@ def main() -> None:
         ranks = memory_on_ranks(_overrides(tmp / "hf", tmp, "mem", a.layout), a.ranks)
         for r in ranks:
             print("rank", r, flush=True)
-        raw = timings(tmp / "hf", tmp, a)
+        raw, ckpt = timings(tmp / "hf", tmp, a)
+        export_peak = export_memory(ckpt, tmp / "out-mem", a.shard_mb)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    report(n, a, ranks, raw, load_before, _uptime())
+    report(n, a, ranks, raw, export_peak, (load_before, _uptime()))
 
 
-def report(n: int, a: Any, ranks: list[dict], raw: dict, load_before: str, load_after: str) -> None:
+def report(n: int, a: Any, ranks: list[dict], raw: dict, export_peak: float, load: tuple) -> None:
+    load_before, load_after = load
     med = {k: median(v) for k, v in raw.items()}
     ratios = {
         "import_ours_over_hf": med["ours_import"] / med["hf_import"],
+        "import_ours_over_hf_read_all": med["ours_import"] / med["hf_import_read_all"],
         "export_ours_over_hf": med["ours_export"] / med["hf_export"],
+        "export_ours_no_verify_over_hf": med["ours_export_no_verify"] / med["hf_export"],
     }
     for r in ranks:
         r["bound_mb"] = r["share_mb"] + r["largest_tensor_mb"]
@@ -256,10 +301,10 @@ def report(n: int, a: Any, ranks: list[dict], raw: dict, load_before: str, load_
     ]
     table += [
         {
-            "what": "ours export peak extra RSS MB (max)",
-            "value": max(raw["ours_export_peak_extra_mb"]),
+            "what": "ours export peak extra RSS MB (fresh process)",
+            "value": export_peak,
             "bound": f"one output shard {a.shard_mb} MB + largest tensor",
-            "holds": "",
+            "holds": export_peak <= a.shard_mb + ranks[0]["largest_tensor_mb"],
         },
     ]
     table += [

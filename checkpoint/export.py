@@ -56,8 +56,11 @@ def _write_shard(out: Path, tensors: dict[str, torch.Tensor], n: int) -> str:
     return name
 
 
-def export_hf(ckpt: Path | str, out: Path | str, max_shard_mb: float = 5000) -> int:
-    """Write ``ckpt`` as a Hugging Face Llama folder ``out``; returns the number of tensors."""
+def export_hf(
+    ckpt: Path | str, out: Path | str, max_shard_mb: float = 5000, verify: bool = True
+) -> int:
+    """Write ``ckpt`` as a Hugging Face Llama folder ``out``; returns the number of tensors.
+    ``verify=False`` skips the sha256 check of the checkpoint's files (a truncated file still fails, naming it)."""
     from checkpoint.consolidate import iter_consolidated
     from checkpoint.hf_llama import llama_config, to_hf_tensor
 
@@ -73,7 +76,7 @@ def export_hf(ckpt: Path | str, out: Path | str, max_shard_mb: float = 5000) -> 
     shapes: dict[str, tuple[int, ...]] = {}
     limit = int(max_shard_mb * (1 << 20))
     tied = bool(model.get("tie_embeddings", False))
-    for name, t in iter_consolidated(ckpt, "model/"):
+    for name, t in iter_consolidated(ckpt, "model/", verify=verify):
         lattice = name.removeprefix("model/")
         shapes[lattice] = tuple(t.shape)
         if lattice == "output.weight" and tied:
@@ -177,10 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--all", action="store_true", help="include optimizer state (lattice)")
     ap.add_argument("--format", choices=("lattice", "hf"), default="lattice")
     ap.add_argument("--max-shard-mb", type=float, default=5000, help="hf: MiB per shard")
+    ap.add_argument(
+        "--no-verify", action="store_true", help="hf: skip the sha256 check of the checkpoint"
+    )
     a = ap.parse_args(argv)
     try:
         if a.format == "hf":
-            n = export_hf(a.ckpt, a.out, a.max_shard_mb)
+            n = export_hf(a.ckpt, a.out, a.max_shard_mb, verify=not a.no_verify)
         else:
             n = export(a.ckpt, a.out, a.all)
     except CheckpointError as e:
