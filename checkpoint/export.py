@@ -8,7 +8,8 @@ missing or unexpected key: ``config.json``, ``generation_config.json``, safetens
 most ``--max-shard-mb`` with ``model.safetensors.index.json``, HF names and HF's RoPE row order
 (``checkpoint/hf_llama.py``). It works from any saved layout (the tensors are consolidated from
 the universal checkpoint) and streams: one tensor is assembled at a time (its chunks read with
-``pread``, never memory-mapped), and at most one output shard is held in memory. A run started
+``pread``, never memory-mapped), and each output shard is written as soon as its last tensor is
+in (the shard plan comes from the index's shapes), so at most one shard is held in memory. A run started
 with ``model.from_hf=DIR`` gets DIR's tokenizer files and ``generation_config.json`` copied
 along, and its bos/eos/pad token ids kept in ``config.json``. Only the dense ``gpt`` family maps to an HF architecture so far.
 """
@@ -26,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from checkpoint.consolidate import load_consolidated
-from checkpoint.format import CheckpointError, read_index, resolve
+from checkpoint.format import CheckpointError, dtype_from_name, read_index, resolve
 
 
 def export(ckpt: Path | str, out: Path | str, include_optimizer: bool = False) -> int:
@@ -60,7 +61,8 @@ def export_hf(
     ckpt: Path | str, out: Path | str, max_shard_mb: float = 5000, verify: bool = True
 ) -> int:
     """Write ``ckpt`` as a Hugging Face Llama folder ``out``; returns the number of tensors.
-    ``verify=False`` skips the sha256 check of the checkpoint's files (a truncated file still fails, naming it)."""
+    ``verify=False`` skips the sha256 check of the checkpoint's files (a truncated file still
+    fails, naming it)."""
     from checkpoint.consolidate import iter_consolidated
     from checkpoint.hf_llama import llama_config, to_hf_tensor
 
@@ -72,27 +74,28 @@ def export_hf(
             "(only the dense gpt family, as LlamaForCausalLM)"
         )
     out.mkdir(parents=True, exist_ok=True)
-    weight_map, shard, shard_bytes, names, total = {}, {}, 0, [], 0
+    weight_map, shard, names, total = {}, {}, [], 0
     shapes: dict[str, tuple[int, ...]] = {}
-    limit = int(max_shard_mb * (1 << 20))
     tied = bool(model.get("tie_embeddings", False))
+    sizes = _exported_bytes(ckpt, tied)
+    order = list(sizes)
+    flush = _shard_ends(list(sizes.values()), int(max_shard_mb * (1 << 20)))
+    j = 0  # position among the exported tensors
     for name, t in iter_consolidated(ckpt, "model/", verify=verify):
         lattice = name.removeprefix("model/")
         shapes[lattice] = tuple(t.shape)
         if lattice == "output.weight" and tied:
             continue  # HF ties lm_head to embed_tokens itself
+        assert order[j] == name, (order[j], name)  # the plan's order is the iteration's
         key, t = to_hf_tensor(lattice, t, model)
-        nbytes = t.numel() * t.element_size()
-        if shard and shard_bytes + nbytes > limit:
+        shard[key] = t.contiguous()
+        total += t.numel() * t.element_size()
+        t = None  # the shard holds it; nothing else may once the shard is written
+        if j in flush:  # written before the next tensor is assembled: one shard in memory
             names.append(_write_shard(out, shard, len(names) + 1))
             weight_map.update(dict.fromkeys(shard, names[-1]))
-            shard, shard_bytes = {}, 0
-        shard[key] = t.contiguous()
-        shard_bytes += nbytes
-        total += nbytes
-    if shard:
-        names.append(_write_shard(out, shard, len(names) + 1))
-        weight_map.update(dict.fromkeys(shard, names[-1]))
+            shard = {}
+        j += 1
     final = _rename_shards(out, names, weight_map)
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": final}, indent=2)
@@ -156,6 +159,33 @@ def _generation_config(config: dict) -> dict:
         if config.get(key) is not None:
             out[key] = config[key]
     return out
+
+
+def _exported_bytes(ckpt: Path, tied: bool) -> dict[str, int]:
+    """Bytes of each exported tensor, in ``iter_consolidated``'s order (from the index)."""
+    out = {}
+    for name, meta in read_index(ckpt)["tensors"].items():
+        if not name.startswith("model/") or (tied and name == "model/output.weight"):
+            continue
+        numel = 1
+        for n in meta["logical_shape"]:
+            numel *= int(n)
+        out[name] = numel * dtype_from_name(meta["dtype"]).itemsize
+    return out
+
+
+def _shard_ends(sizes: list[int], limit: int) -> set[int]:
+    """Positions after which a shard is written: greedy, a shard holds at most ``limit`` bytes
+    unless one tensor alone is larger."""
+    ends, acc = set(), 0
+    for i, n in enumerate(sizes):
+        if acc and acc + n > limit:
+            ends.add(i - 1)
+            acc = 0
+        acc += n
+    if sizes:
+        ends.add(len(sizes) - 1)
+    return ends
 
 
 def _rename_shards(out: Path, names: list[str], weight_map: dict[str, str]) -> dict[str, str]:

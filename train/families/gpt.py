@@ -133,9 +133,9 @@ class GPTFamily(Family):
         self.pipeline: PipelineSchedule | None = None
         self.eos_id: int | None = None
         self.from_hf_fields: tuple[str, ...] = ()
+        """``model.*`` fields set from ``model.from_hf``'s config.json (saved with the run)."""
         self.hf_bytes_read = 0
         """Tensor bytes this rank read from ``model.from_hf`` (its shards' byte ranges)."""
-        """``model.*`` fields set from ``model.from_hf``'s config.json (saved with the run)."""
 
     # -- before launch ------------------------------------------------------------------------
     def model_config(self) -> GPTConfig:
