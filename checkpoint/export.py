@@ -17,6 +17,8 @@ along, and its bos/eos/pad token ids kept in ``config.json``. Only the dense ``g
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -95,6 +97,7 @@ def export_hf(
             names.append(_write_shard(out, shard, len(names) + 1))
             weight_map.update(dict.fromkeys(shard, names[-1]))
             shard = {}
+            _return_freed_memory()
         j += 1
     final = _rename_shards(out, names, weight_map)
     (out / "model.safetensors.index.json").write_text(
@@ -159,6 +162,15 @@ def _generation_config(config: dict) -> dict:
         if config.get(key) is not None:
             out[key] = config[key]
     return out
+
+
+def _return_freed_memory() -> None:
+    """Give the freed shard's heap back to the OS (glibc ``malloc_trim``). Tensors under glibc's
+    mmap threshold (up to 32 MiB) live on the heap, which glibc keeps after they are freed: without
+    this, measured on a 254M-parameter Llama, the process kept ~260 MB of freed shards and peaked
+    at a shard plus ~130 MB. A no-op where glibc is absent."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _exported_bytes(ckpt: Path, tied: bool) -> dict[str, int]:

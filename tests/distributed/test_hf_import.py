@@ -22,6 +22,15 @@ def _overrides(hf: str, data: str, run: str) -> list[str]:
     return ["train.steps=2", f"model.from_hf={hf}", f"data.path={data}", f"run.dir={run}"]
 
 
+@pytest.fixture(scope="module")
+def single(tiny_data: str, tmp_path_factory) -> tuple[str, dict]:
+    """The saved folder and its one-process run (shared by every layout)."""
+    tmp = tmp_path_factory.mktemp("hf_import")
+    save_tiny_llama(tmp / "hf")
+    hf = str(tmp / "hf")
+    return hf, run_trainer(_overrides(hf, tiny_data, str(tmp / "one")))
+
+
 @pytest.mark.parametrize(
     "world,layout",
     [
@@ -32,10 +41,10 @@ def _overrides(hf: str, data: str, run: str) -> list[str]:
     ],
     ids=["tp2", "fsdp2", "sp2", "hsdp2x2"],
 )
-def test_imported_llama_on_a_layout_equals_one_process(world, layout, tiny_data, tmp_path) -> None:
-    save_tiny_llama(tmp_path / "hf")
-    hf = str(tmp_path / "hf")
-    ref = run_trainer(_overrides(hf, tiny_data, str(tmp_path / "one")))
+def test_imported_llama_on_a_layout_equals_one_process(
+    world, layout, single, tiny_data, tmp_path
+) -> None:
+    hf, ref = single
     over = [*_overrides(hf, tiny_data, str(tmp_path / "many")), *layout]
     got = run_on_ranks(_rank, world, over)[0]
     assert_runs_close(ref, got)
