@@ -259,6 +259,8 @@ class HFFolder:
             raise FileNotFoundError(
                 f"{self.path} has no model.safetensors or model.safetensors.index.json"
             )
+        self.bytes_read = 0
+        """Tensor bytes ``read_local`` has read so far (what this rank took from the files)."""
 
     @property
     def architecture(self) -> str:
@@ -273,12 +275,56 @@ class HFFolder:
             return f.get_tensor(hf_key)
 
     def lattice_tensor(self, lattice_name: str) -> torch.Tensor:
-        """The Lattice GPT tensor ``lattice_name`` (RoPE rows in Lattice's order)."""
-        kw = self.kwargs
+        """The whole Lattice GPT tensor ``lattice_name`` (RoPE rows in Lattice's order)."""
+        return to_lattice_tensor(lattice_name, self.get(self.key(lattice_name)), self.kwargs)
+
+    def key(self, lattice_name: str) -> str:
+        """The HF key that holds ``lattice_name`` (``embed_tokens`` for a tied ``lm_head``)."""
         key = hf_name(lattice_name)
-        if key == "lm_head.weight" and key not in self.files and kw["tie_embeddings"]:
+        if key == "lm_head.weight" and key not in self.files and self.kwargs["tie_embeddings"]:
             key = "model.embed_tokens.weight"
-        return to_lattice_tensor(lattice_name, self.get(key), kw)
+        if key not in self.files:
+            index = "model.safetensors.index.json" if len(set(self.files.values())) > 1 else ""
+            where = f"{self.path / index}" if index else f"{self.path}"
+            raise KeyError(f"{where} holds no tensor {key!r} (needed for {lattice_name})")
+        return key
+
+    def shape(self, lattice_name: str) -> tuple[int, ...]:
+        """The stored shape of ``lattice_name``'s HF tensor, from its file's header."""
+        from checkpoint.safetensors_slices import tensor_shape
+
+        key = self.key(lattice_name)
+        return tensor_shape(self.path / self.files[key], key)
+
+    def read_local(self, lattice_name: str, index: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """``lattice_tensor(lattice_name)[index]`` reading only those bytes (``index``: global
+        indices per dimension, as ``parallelism.init.local_index`` gives a rank's shard).
+
+        Rows past the stored ones (vocabulary padding) come back as zeros; ``wq``/``wk`` rows
+        are mapped through the RoPE permutation (Lattice row ``h*D + 2j + k`` is HF row
+        ``h*D + k*D/2 + j``), so a shard of whole or partial heads reads just its rows.
+        """
+        from checkpoint.safetensors_slices import read_box
+
+        key = self.key(lattice_name)
+        stored = self.shape(lattice_name)
+        rows = index[0]
+        keep = rows < stored[0]
+        hf_rows = self._hf_rows(lattice_name, rows[keep])
+        part = read_box(self.path / self.files[key], key, (hf_rows, *index[1:]))
+        self.bytes_read += part.numel() * part.element_size()
+        if bool(keep.all()):
+            return part
+        out = part.new_zeros(rows.numel(), *part.shape[1:])
+        out[keep] = part
+        return out
+
+    def _hf_rows(self, lattice_name: str, rows: torch.Tensor) -> torch.Tensor:
+        if not lattice_name.endswith(("attention.wq.weight", "attention.wk.weight")):
+            return rows
+        head_dim = int(self.kwargs["dim"]) // int(self.kwargs["n_heads"])
+        head, within = rows // head_dim, rows % head_dim
+        return head * head_dim + (within % 2) * (head_dim // 2) + within // 2
 
     @functools.cached_property
     def kwargs(self) -> dict[str, Any]:

@@ -43,11 +43,15 @@ def copy_full_into_(param: torch.Tensor, full: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def materialize_and_init_(model: nn.Module, seed: int, device: torch.device | str = "cpu") -> None:
+def materialize_and_init_(
+    model: nn.Module, seed: int, device: torch.device | str = "cpu", init: bool = True
+) -> None:
     """Allocate a (meta) model on ``device`` and fill every parameter from its seeded generator.
 
     The model (or the module that owns the parameters under wrappers) must define
-    ``init_tensor(name, shape, generator)``.
+    ``init_tensor(name, shape, generator)``. ``init=False`` only allocates (and re-ties): for a
+    caller that fills every parameter itself (``model.from_hf``), which then never holds a full
+    random tensor.
     """
     root = getattr(model, "init_tensor", None)
     if root is None:
@@ -55,6 +59,8 @@ def materialize_and_init_(model: nn.Module, seed: int, device: torch.device | st
     shared = _shared_parameters(model)
     model.to_empty(device=device)
     _retie_(shared)
+    if not init:
+        return
     for fqn, p in model.named_parameters():
         name = canonical_name(fqn)
         full = root(name, tuple(p.shape), param_generator(seed, name))
@@ -78,3 +84,39 @@ def _retie_(shared: list[list[tuple[nn.Module, str]]]) -> None:
         first = getattr(mod0, name0)
         for mod, name in rest:
             setattr(mod, name, first)
+
+
+def local_index(param: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per dimension, the global indices of this rank's local tensor of ``param`` (1-D int64):
+    its shard under any DTensor placements (``Shard``, FSDP's ``_StridedShard`` over tensor
+    parallelism, ``Replicate``), or every index for a plain tensor.
+
+    Computed with DTensor's own split of an index grid (an expanded view, so no full-size
+    tensor is made; the split's copy is at most one int32 shard), so the indices are exactly
+    the ones ``distribute_tensor`` would keep.
+    """
+    shape = tuple(param.shape)
+    if not isinstance(param, DTensor):
+        return tuple(torch.arange(n) for n in shape)
+    out = []
+    for d, n in enumerate(shape):
+        view = [1] * len(shape)
+        view[d] = n
+        grid = torch.arange(n, dtype=torch.int32).view(view).expand(shape)
+        local = distribute_tensor(
+            grid, param.device_mesh, param.placements, src_data_rank=None
+        ).to_local()
+        if local.numel() == 0:
+            out.append(torch.zeros(local.shape[d], dtype=torch.long))
+            continue
+        out.append(local.movedim(d, 0).reshape(local.shape[d], -1)[:, 0].long())
+    return tuple(out)
+
+
+@torch.no_grad()
+def copy_local_into_(param: torch.Tensor, local: torch.Tensor) -> None:
+    """Copy this rank's part (the values at ``local_index(param)``) into ``param``."""
+    target = param.to_local() if isinstance(param, DTensor) else param
+    if tuple(local.shape) != tuple(target.shape):
+        raise ValueError(f"local part {tuple(local.shape)} != shard {tuple(target.shape)}")
+    target.copy_(local.to(target.dtype))

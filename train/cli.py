@@ -118,7 +118,15 @@ def to_job_config(cfg: DictConfig) -> JobConfig:
 def load_config(overrides: list[str]) -> tuple[JobConfig, DictConfig]:
     """Compose and type-check a config; raises ConfigError with a one-line message."""
     cfg = compose(overrides)
-    return to_job_config(cfg), cfg
+    job = to_job_config(cfg)
+    # The model.* fields set on the command line (not by a config group or an experiment):
+    # model.from_hf refuses those that contradict config.json and sets all the others.
+    job.model.cli_fields = frozenset(
+        o.lstrip("+").split("=", 1)[0].removeprefix("model.")
+        for o in overrides
+        if o.lstrip("+").startswith("model.") and "=" in o
+    )
+    return job, cfg
 
 
 def parse_argv(argv: list[str]) -> tuple[str | None, list[str]]:

@@ -29,7 +29,12 @@ from torch.distributed.tensor import DTensor
 from checkpoint.adapter import CheckpointAdapter
 from models.errors import ConfigError, LayoutError
 from models.gpt import GPT, GPTConfig, document_ids, document_mask, document_positions
-from parallelism.init import canonical_name, copy_full_into_, materialize_and_init_
+from parallelism.init import (
+    canonical_name,
+    copy_local_into_,
+    local_index,
+    materialize_and_init_,
+)
 from parallelism.parallelize_gpt import finalize_data_parallel, parallelize_gpt
 from parallelism.pipeline import PipelineSchedule, build_schedule, validate_pipeline
 from parallelism.tensor_parallel import tp_loss_context, validate_tensor_parallel
@@ -129,6 +134,8 @@ class GPTFamily(Family):
         self.eos_id: int | None = None
         self.from_hf_fields: tuple[str, ...] = ()
         """``model.*`` fields set from ``model.from_hf``'s config.json (saved with the run)."""
+        self.hf_bytes_read = 0
+        """Tensor bytes this rank read from ``model.from_hf`` (its shards' byte ranges)."""
 
     # -- before launch ------------------------------------------------------------------------
     def model_config(self) -> GPTConfig:
@@ -189,9 +196,11 @@ class GPTFamily(Family):
         except ValueError as exc:
             raise ConfigError(f"model.from_hf={m.from_hf!r}: {exc}") from None
         defaults = type(m)()
+        explicit = getattr(m, "cli_fields", None)  # load_config records them
         for key, value in kw.items():
             mine = getattr(m, key)
-            if mine != getattr(defaults, key) and mine != value:
+            overridden = key in explicit if explicit is not None else mine != getattr(defaults, key)
+            if overridden and mine != value:
                 raise ConfigError(
                     f"model.{key}={mine} contradicts {folder.path / 'config.json'} ({value}): "
                     f"remove the override; model.from_hf sets every model.* field it defines"
@@ -200,27 +209,29 @@ class GPTFamily(Family):
         self.from_hf_fields = tuple(kw)
 
     def _load_hf_weights_(self, model: nn.Module) -> None:
-        """Every parameter from the HF folder, onto this rank's shard (one tensor at a time)."""
+        """Every parameter from the HF folder: each rank reads only the byte ranges of its own
+        shard (``parallelism.init.local_index``; ``HFFolder.read_local``), one tensor at a time,
+        so its peak memory is its shard plus about one tensor's slice."""
         from checkpoint.hf_llama import hf_name
 
         folder = self._hf_folder()
         for fqn, p in model.named_parameters():
             name = canonical_name(fqn)
             try:
-                full = folder.lattice_tensor(name).to(torch.float32)
+                stored = folder.shape(name)
             except KeyError as exc:
                 raise ConfigError(f"model.from_hf={folder.path}: {exc.args[0]}") from None
-            vocab_rows = name in ("tok_embeddings.weight", "output.weight")
-            if vocab_rows and full.shape[0] < p.shape[0]:  # padding rows (tp, padded vocab)
-                pad = full.new_zeros(p.shape[0] - full.shape[0], *full.shape[1:])
-                full = torch.cat([full, pad])
-            if tuple(full.shape) != tuple(p.shape):
+            want = tuple(p.shape)
+            if name in ("tok_embeddings.weight", "output.weight"):  # padded vocabulary rows
+                want = (min(want[0], int(self.job.model.vocab_size)), *want[1:])
+            if stored != want:
                 raise ConfigError(
                     f"model.from_hf={folder.path}: tensor {hf_name(name)} has shape "
-                    f"{tuple(full.shape)}, but config.json implies {tuple(p.shape)}: the folder's "
+                    f"{stored}, but config.json implies {want}: the folder's "
                     "weights and config.json disagree"
                 )
-            copy_full_into_(p, full)
+            copy_local_into_(p, folder.read_local(name, local_index(p)))
+        self.hf_bytes_read = folder.bytes_read
 
     def _document_eos(self, meta: dict) -> int | None:
         """The EOS id that ends documents when ``data.document_mask`` is on (else None)."""
@@ -281,8 +292,9 @@ class GPTFamily(Family):
         with torch.device("meta"):
             model = self.model_cls(self.model_config())
         model = parallelize_gpt(model, self.dims, job)
-        materialize_and_init_(model, job.train.seed, device)
-        if getattr(job.model, "from_hf", ""):
+        from_hf = bool(getattr(job.model, "from_hf", ""))
+        materialize_and_init_(model, job.train.seed, device, init=not from_hf)
+        if from_hf:  # every parameter is read from the folder (a missing one fails)
             self._load_hf_weights_(model)
         model = finalize_data_parallel(model, self.dims)
         if self.dims.pp > 1:
