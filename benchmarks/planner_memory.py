@@ -52,16 +52,21 @@ BASE = [
     "logging.plot=false",
 ]
 
-# (name, world, overrides): the memory_3d layouts (tp, pp, dp_shard; dp_replicate fills 8),
-# a 4-rank MoE layout with expert parallelism, and a 2-rank optimizer offload.
+# (name, world, overrides): the memory_3d layouts (tp, pp, dp_shard) with dp_replicate = 1
+# (memory_3d fills 8 ranks with replicas, which do not change a rank's bytes), an MoE layout
+# with expert and tensor parallelism, and an optimizer offload.
 LAYOUTS: list[tuple[str, int, list[str]]] = [
-    (f"tp{t}_pp{p}_dps{d}", 8, [f"parallel.tp={t}", f"parallel.pp={p}", f"parallel.dp_shard={d}"])
+    (
+        f"tp{t}_pp{p}_dps{d}",
+        t * p * d,
+        [f"parallel.tp={t}", f"parallel.pp={p}", f"parallel.dp_shard={d}"],
+    )
     for t, p, d in [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 2, 2), (1, 4, 2), (4, 1, 2)]
 ]
 LAYOUTS += [
     (
         "moe_ep2_dps2_tp2",
-        8,
+        4,
         ["model=gpt_moe", "parallel.ep=2", "parallel.dp_shard=2", "parallel.tp=2"],
     ),
     ("offload_cpu_dps2", 2, ["offload=cpu", "parallel.dp_shard=2"]),
@@ -105,17 +110,21 @@ class SavedTensorMeter:
         self.total = self.peak = 0
 
     def _is_param(self, t: torch.Tensor) -> bool:
+        """A parameter, a view of one, or a tensor on a parameter's storage (a DTensor
+        activation's local tensor is a detached leaf: only its storage is checked)."""
         base = t._base if t._base is not None else t
-        if isinstance(base, nn.Parameter) or (base.is_leaf and base.requires_grad):
+        if isinstance(t, nn.Parameter) or isinstance(base, nn.Parameter):
+            return True
+        if not hasattr(t, "to_local") and base.is_leaf and base.requires_grad:
             return True
         try:
-            return t.untyped_storage().data_ptr() in self.param_ptrs
+            return _local(t).untyped_storage().data_ptr() in self.param_ptrs
         except RuntimeError:  # a freed storage (FSDP2's resharded parameter): not an activation
             return True
 
     def pack(self, t: torch.Tensor) -> Any:
         loc = _local(t)
-        if loc.device.type == "meta" or self._is_param(t) or self._is_param(loc):
+        if loc.device.type == "meta" or self._is_param(t):
             return t
         storage = loc.untyped_storage()
         key = storage.data_ptr()

@@ -139,3 +139,16 @@ def test_tokens_per_s_within_30pct_of_torchtitan(case) -> None:
 def test_70b_tokens_per_s_within_30pct_of_torchtitan() -> None:
     row = plan_case(next(c for c in CASES if c[0] == "llama3_70b_fsdp32_tp8"))
     assert abs(row["ratio_predicted_over_published"] - 1) <= 0.30, row
+
+
+def test_readme_plan_commands_run() -> None:
+    """The README's "Plan a layout" commands, as written (without the venv prefix)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = text.split("## Plan a layout", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = block.replace("\\\n", " ").strip().splitlines()
+    cmds = [line.split("-m train.plan", 1)[1].split("#", 1)[0].split() for line in lines]
+    assert len(cmds) == 2
+    assert "predicted step:" in run(cmds[0])
+    assert "layouts fit; ranked by predicted step time" in run(cmds[1])
