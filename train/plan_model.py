@@ -462,13 +462,17 @@ def step_time(
 
 def with_overrides(gpu: GPU, eff: Efficiency, values: dict[str, float]) -> tuple[GPU, Efficiency]:
     """``--set nvlink_gbps=300 compute=0.45 ...``: GPU or Efficiency fields by name."""
-    g, e = {}, {}
+    g: dict[str, Any] = {}
+    e: dict[str, float] = {}
+    numeric = set(GPU.__dataclass_fields__) - {"name"}
     for key, value in values.items():
-        if key in GPU.__dataclass_fields__:
+        if key == "peak_tflops":  # one peak for every dtype
+            g[key] = {"bf16": value, "fp32": value}
+        elif key in numeric:
             g[key] = value
         elif key in Efficiency.__dataclass_fields__:
             e[key] = value
         else:
-            known = sorted(set(GPU.__dataclass_fields__) | set(Efficiency.__dataclass_fields__))
+            known = sorted(numeric | set(Efficiency.__dataclass_fields__))
             raise KeyError(f"--set {key}=...: not a planner constant; use one of {known}")
     return replace(gpu, **g), replace(eff, **e)

@@ -152,3 +152,11 @@ def test_readme_plan_commands_run() -> None:
     assert len(cmds) == 2
     assert "predicted step:" in run(cmds[0])
     assert "layouts fit; ranked by predicted step time" in run(cmds[1])
+
+
+def test_peak_and_link_constants_are_overridable() -> None:
+    base = plan_layout([], world=1, gpu="h100").time.compute
+    half = plan_layout([], world=1, gpu="h100", constants={"peak_tflops": 33.5}).time.compute
+    assert half == pytest.approx(2 * base)  # the default run is fp32: 67 TFLOP/s on H100
+    with pytest.raises(Exception, match="not a planner constant"):
+        plan_layout([], world=1, constants={"name": 1.0})
