@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: train test lint format install clean ds-ops golden test-matrix
+.PHONY: train test lint format install clean ds-ops golden test-matrix gpu-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -55,6 +55,12 @@ test: $(STAMP) $(TORCHREC) $(DSOPS) lint
 # The suite runs its pairwise subset (tests/distributed/test_layout_matrix.py).
 test-matrix: $(STAMP) $(TORCHREC)
 	$(BIN)/python -m tests.matrix.run $(ARGS)
+
+# Every GPU path in at most 8 minutes on one GPU (issue 21): GPU tests, a ~150M bf16 run with MFU,
+# checkpoint stall vs torch.save and DCP async_save, offload, grouped-GEMM MoE, DALI; writes
+# benchmarks/results/gpu_suite.{md,json}. Without a GPU every step reports "skipped: no GPU".
+gpu-check: $(STAMP) $(TORCHREC)
+	PY=$(BIN)/python benchmarks/gpu_suite.sh $(ARGS)
 
 # Rewrite the golden loss files (tests/golden/) from this tree; only for an intended math change,
 # never to make a refactor pass (docs/testing.md): make golden ARGS='--why "..." [case ...]'

@@ -79,18 +79,22 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--max-after", type=int, default=10, help="cap on iterations after a save")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU suite's setting)")
+    ap.add_argument("--name", default="checkpoint", help="results file name")
     a = ap.parse_args()
+    dev = torch.device(a.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     torch.set_num_threads(1)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
     dist.init_process_group("gloo", rank=0, world_size=1, timeout=timedelta(seconds=600))
     torch.manual_seed(0)
-    model = GPT(GPTConfig(dim=a.dim, n_layers=a.layers, n_heads=8, vocab_size=256))
+    model = GPT(GPTConfig(dim=a.dim, n_layers=a.layers, n_heads=8, vocab_size=256)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     n_params = sum(p.numel() for p in model.parameters())
     tmp = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=os.environ.get("BENCH_DIR", None)))
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (a.batch, a.seq), generator=g)
+    x = torch.randint(0, 256, (a.batch, a.seq), generator=g).to(dev)
     mgr = Manager(
         CheckpointArgs(
             enabled=True, mode="lazy_async", dir=str(tmp / "ours"), keep_last=1, host_buffer_mb=2048
@@ -107,6 +111,7 @@ def main() -> None:
         if before_update is not None:
             before_update()
         opt.step()
+        sync()
         return time.perf_counter() - t0
 
     for _ in range(3):
@@ -223,8 +228,9 @@ def main() -> None:
         for k, v in ratios.items()
     ]
     write_results(
-        "checkpoint",
+        a.name,
         {
+            "device": a.device,
             "params": n_params,
             "state_bytes": state_bytes,
             "baseline_iter_s": base,

@@ -119,20 +119,28 @@ def _check_offload_layout(job: JobConfig, dims: ParallelDims) -> None:
             )
 
 
-def plan_run(job: JobConfig) -> RunPlan:
-    """Validate the config against the world size, the family and the data, and prepare the
-    data; no process group is created."""
-    dims = dims_from_config(job.parallel)
+def validate_layout(job: JobConfig, dims: ParallelDims, rank: int = 0) -> Family:
+    """Every check of the config against the layout, the family and the model that needs
+    neither the data nor a process group (``plan_run`` and ``python -m train.plan`` share it,
+    so an invalid layout fails with the same line in both)."""
     _check_loop_fields(job, dims)
     check_ranges(job)
     family_cls = get_family(job.model)
     refuse_unsupported(job, family_cls)
     refuse_ignored(job, dims, JobConfig())
-    rank = int(os.environ.get("RANK", "0"))
     family = family_cls(job, dims, rank)
     family.validate()
     validate_checkpoint_args(job.checkpoint)
     _check_offload_layout(job, dims)
+    return family
+
+
+def plan_run(job: JobConfig) -> RunPlan:
+    """Validate the config against the world size, the family and the data, and prepare the
+    data; no process group is created."""
+    dims = dims_from_config(job.parallel)
+    rank = int(os.environ.get("RANK", "0"))
+    family = validate_layout(job, dims, rank)
     check_optional_packages(job)  # data.backend=dali / optim.impl=apex_fused_adam installed?
     family.prepare()
     n_micro = job.train.global_batch_size // (job.train.micro_batch_size * dims.dp)
