@@ -1,5 +1,6 @@
-"""``model.from_hf`` of a Mixtral onto tp=2 x dp_shard=2 with ep=2 (4 gloo ranks): the imported
-MoE trains exactly as on one process (balancing loss on, ``balance_convention=hf`` pooled over
+"""``model.from_hf`` of a Mixtral and a PhiMoE (biases, LayerNorm, longrope, SparseMixer with
+layout-invariant noise) onto tp=2 x dp_shard=2 with ep=2 (4 gloo ranks): the imported MoE
+trains exactly as on one process (balancing loss on, ``balance_convention=hf`` pooled over
 the data-parallel group; the one-process run equals transformers: tests/unit/test_hf_moe.py)."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ import pytest
 
 from tests.distributed.harness import run_on_ranks
 from tests.trainer_utils import assert_runs_close, run_trainer
-from tests.unit.test_hf_moe import save_tiny_mixtral
+from tests.unit.test_hf_moe import save_tiny_mixtral, save_tiny_phimoe
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -17,8 +18,9 @@ def _rank(rank: int, world: int, overrides: list[str]) -> dict:
     return run_trainer(overrides)
 
 
-def test_imported_mixtral_on_tp2_ep2_equals_one_process(tiny_data, tmp_path) -> None:
-    save_tiny_mixtral(tmp_path / "hf")
+@pytest.mark.parametrize("arch", ["mixtral", "phimoe"])
+def test_imported_moe_on_tp2_ep2_equals_one_process(arch: str, tiny_data, tmp_path) -> None:
+    (save_tiny_mixtral if arch == "mixtral" else save_tiny_phimoe)(tmp_path / "hf")
     base = [
         "model=gpt_moe",
         "train.steps=2",
