@@ -3,15 +3,16 @@
 ``lattice`` (default): the model's logical tensors (canonical names, vocabulary padding removed)
 in one safetensors file; ``--all`` also writes optimizer state.
 
-``hf``: a Hugging Face folder that ``LlamaForCausalLM.from_pretrained(out)`` loads with no
+``hf``: a Hugging Face folder that ``AutoModelForCausalLM.from_pretrained(out)`` loads with no
 missing or unexpected key: ``config.json``, ``generation_config.json``, safetensors shards of at
-most ``--max-shard-mb`` with ``model.safetensors.index.json``, HF names and HF's RoPE row order
-(``checkpoint/hf_llama.py``). It works from any saved layout (the tensors are consolidated from
-the universal checkpoint) and streams: one tensor is assembled at a time (its chunks read with
-``pread``, never memory-mapped), and each output shard is written as soon as its last tensor is
-in (the shard plan comes from the index's shapes), so at most one shard is held in memory. A run started
-with ``model.from_hf=DIR`` gets DIR's tokenizer files and ``generation_config.json`` copied
-along, and its bos/eos/pad token ids kept in ``config.json``. Only the dense ``gpt`` family maps to an HF architecture so far.
+most ``--max-shard-mb`` with ``model.safetensors.index.json``, HF names, HF's RoPE row order and
+experts as one ``nn.Linear`` each (``checkpoint/hf_arch.py``: gpt -> Llama, gpt_moe -> Mixtral
+or PhiMoE). It works from any saved layout (the tensors are consolidated from the universal
+checkpoint) and streams: one tensor is assembled at a time (its chunks read with ``pread``,
+never memory-mapped), and each output shard is written as soon as its last tensor is in (the
+shard plan comes from the index's shapes), so at most one shard is held in memory. A run
+started with ``model.from_hf=DIR`` gets DIR's tokenizer files and ``generation_config.json``
+copied along, and its bos/eos/pad token ids kept in ``config.json``.
 """
 
 from __future__ import annotations
@@ -62,19 +63,20 @@ def _write_shard(out: Path, tensors: dict[str, torch.Tensor], n: int) -> str:
 def export_hf(
     ckpt: Path | str, out: Path | str, max_shard_mb: float = 5000, verify: bool = True
 ) -> int:
-    """Write ``ckpt`` as a Hugging Face Llama folder ``out``; returns the number of tensors.
-    ``verify=False`` skips the sha256 check of the checkpoint's files (a truncated file still
-    fails, naming it)."""
+    """Write ``ckpt`` as a Hugging Face folder ``out`` (Llama, Mixtral or PhiMoE: the
+    architecture follows the saved ``model.*``, ``checkpoint/hf_arch.py``); returns the number
+    of tensors. ``verify=False`` skips the sha256 check of the checkpoint's files (a truncated
+    file still fails, naming it)."""
     from checkpoint.consolidate import iter_consolidated
-    from checkpoint.hf_llama import llama_config, to_hf_tensor
+    from checkpoint.hf_arch import export_architecture, hf_config, to_hf_tensors
 
     ckpt, out = _resolve(Path(ckpt)), Path(out)
     model = _saved_model_config(ckpt)
-    if model.get("name") != "gpt":
-        raise CheckpointError(
-            f"--format hf: model.name={model.get('name')!r} has no Hugging Face mapping yet "
-            "(only the dense gpt family, as LlamaForCausalLM)"
-        )
+    try:
+        export_architecture(model)
+    except ValueError as exc:
+        raise CheckpointError(f"--format hf: {exc}") from None
+    head_dim = int(model.get("head_dim") or int(model["dim"]) // int(model["n_heads"]))
     out.mkdir(parents=True, exist_ok=True)
     weight_map, shard, names, total = {}, {}, [], 0
     shapes: dict[str, tuple[int, ...]] = {}
@@ -89,10 +91,10 @@ def export_hf(
         if lattice == "output.weight" and tied:
             continue  # HF ties lm_head to embed_tokens itself
         assert order[j] == name, (order[j], name)  # the plan's order is the iteration's
-        key, t = to_hf_tensor(lattice, t, model)
-        shard[key] = t.contiguous()
-        total += t.numel() * t.element_size()
-        t = None  # the shard holds it; nothing else may once the shard is written
+        for key, hf_t in to_hf_tensors(lattice, t, head_dim, int(model.get("n_experts", 0))):
+            shard[key] = hf_t.contiguous()
+            total += hf_t.numel() * hf_t.element_size()
+        t = hf_t = None  # the shard holds them; nothing else may once the shard is written
         if j in flush:  # written before the next tensor is assembled: one shard in memory
             names.append(_write_shard(out, shard, len(names) + 1))
             weight_map.update(dict.fromkeys(shard, names[-1]))
@@ -103,12 +105,7 @@ def export_hf(
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": final}, indent=2)
     )
-    head_dim = int(model["dim"]) // int(model["n_heads"])
-    config = llama_config(
-        model,
-        ffn_hidden=shapes["layers.0.feed_forward.w1.weight"][0],
-        n_kv_heads=shapes["layers.0.attention.wk.weight"][0] // head_dim,
-    )
+    config = hf_config(model, shapes)
     config.update(_token_ids(model.get("from_hf") or ""))
     (out / "config.json").write_text(json.dumps(config, indent=2))
     copied = _copy_beside(model.get("from_hf") or "", out)

@@ -283,6 +283,10 @@ class HFFolder:
         key = hf_name(lattice_name)
         if key == "lm_head.weight" and key not in self.files and self.kwargs["tie_embeddings"]:
             key = "model.embed_tokens.weight"
+        return self.present(key, lattice_name)
+
+    def present(self, key: str, lattice_name: str) -> str:
+        """``key``, or a KeyError naming the file (or index) that lacks it."""
         if key not in self.files:
             index = "model.safetensors.index.json" if len(set(self.files.values())) > 1 else ""
             where = f"{self.path / index}" if index else f"{self.path}"

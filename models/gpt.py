@@ -59,6 +59,34 @@ class GPTConfig:
     init_std: float = 0.02
     padded_vocab_size: int = 0
     """Rows of the embedding/output (>= vocab_size, e.g. padded to a multiple of tp); 0 = none."""
+    head_dim: int = 0
+    """Per-head size; 0 means dim // n_heads."""
+    norm: str = "rmsnorm"
+    """``rmsnorm`` (weight only) or ``layernorm`` (weight and bias, PhiMoE)."""
+    attention_bias: bool = False
+    """Biases on the q/k/v/o projections."""
+    lm_head_bias: bool = False
+    """A bias on the output projection."""
+    sliding_window: int = 0
+    """Each query sees only the last ``sliding_window`` keys (itself included); 0 = all."""
+    rope_scaling: str = "none"
+    """``none``, ``llama3`` (Llama 3.x frequency interpolation) or ``longrope`` (Phi-3/PhiMoE)."""
+    rope_factor: float = 8.0
+    """llama3: the frequency divisor of the long wavelengths."""
+    rope_low_freq_factor: float = 1.0
+    """llama3: wavelengths above original_max / this are divided by ``rope_factor``."""
+    rope_high_freq_factor: float = 4.0
+    """llama3: wavelengths below original_max / this are kept; between them interpolated."""
+    rope_original_max_seq_len: int = 8192
+    """llama3 / longrope: the context length of pretraining (``original_max_position_embeddings``)."""
+    rope_short_factor: tuple[float, ...] = ()
+    """longrope: per-frequency divisors (head_dim // 2 of them) up to the original length."""
+    rope_long_factor: tuple[float, ...] = ()
+    """longrope: per-frequency divisors beyond the original length."""
+    rope_short_mscale: float = 1.0
+    """longrope: cos/sin scale up to the original length."""
+    rope_long_mscale: float = 1.0
+    """longrope: cos/sin scale beyond the original length."""
 
     def __post_init__(self) -> None:
         if self.n_kv_heads <= 0:
@@ -68,7 +96,8 @@ class GPTConfig:
             self.ffn_hidden = self.multiple_of * math.ceil(hidden / self.multiple_of)
         if self.padded_vocab_size <= 0:
             self.padded_vocab_size = self.vocab_size
-        if self.dim % self.n_heads:
+        self._check_features()
+        if self.head_dim <= 0 and self.dim % self.n_heads:
             raise ConfigError(
                 f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}: set "
                 f"model.n_heads to a divisor of {self.dim} (e.g. "
@@ -80,10 +109,55 @@ class GPTConfig:
                 f"{self.n_kv_heads}: set model.n_kv_heads to a divisor of {self.n_heads} (e.g. "
                 f"{nearest_divisor(self.n_heads, self.n_kv_heads)})"
             )
+        if self.head_dim <= 0:
+            self.head_dim = self.dim // self.n_heads
 
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def _check_features(self) -> None:
+        """The string-valued feature fields and longrope's factor lists."""
+        if self.norm not in NORMS:
+            raise ConfigError(f"model.norm={self.norm!r}: use one of {', '.join(NORMS)}")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ConfigError(
+                f"model.rope_scaling={self.rope_scaling!r}: use one of {', '.join(ROPE_SCALINGS)}"
+            )
+        self.rope_short_factor = tuple(float(f) for f in self.rope_short_factor)
+        self.rope_long_factor = tuple(float(f) for f in self.rope_long_factor)
+        unused = {
+            "none": ROPE_FIELDS,
+            "llama3": ROPE_FIELDS[4:],
+            "longrope": ROPE_FIELDS[:3],
+        }[self.rope_scaling]
+        for key in unused:
+            if getattr(self, key) != getattr(GPTConfig, key, ()):
+                raise ConfigError(
+                    f"model.{key}={getattr(self, key)} has no effect with model.rope_scaling="
+                    f"{self.rope_scaling}, so it would be ignored: remove it"
+                )
+        if self.rope_scaling != "longrope":
+            return
+        half = (self.head_dim or self.dim // self.n_heads) // 2
+        for key in ("rope_short_factor", "rope_long_factor"):
+            if len(getattr(self, key)) != half:
+                raise ConfigError(
+                    f"model.{key} has {len(getattr(self, key))} values; model.rope_scaling="
+                    f"longrope needs head_dim // 2 = {half}"
+                )
+
+
+NORMS = ("rmsnorm", "layernorm")
+ROPE_SCALINGS = ("none", "llama3", "longrope")
+ROPE_FIELDS = (
+    "rope_factor",
+    "rope_low_freq_factor",
+    "rope_high_freq_factor",
+    "rope_original_max_seq_len",
+    "rope_short_factor",
+    "rope_long_factor",
+    "rope_short_mscale",
+    "rope_long_mscale",
+)
+"""The scaling parameters: the first 4 are llama3's, the last 5 longrope's (they share
+``rope_original_max_seq_len``)."""
 
 
 class RMSNorm(nn.Module):
@@ -96,6 +170,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def make_norm(cfg: GPTConfig) -> nn.Module:
+    """The block/final norm ``cfg.norm`` names: ``RMSNorm`` or ``nn.LayerNorm`` (with bias)."""
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+    return RMSNorm(cfg.dim, cfg.norm_eps)
 
 
 def rope_tables(
@@ -118,6 +199,49 @@ def rope_tables(
     )
     ang_SD = positions.to(torch.float32)[..., None] * inv
     return ang_SD.cos(), ang_SD.sin()
+
+
+def rope_inv_freq(cfg: GPTConfig, seq_len: int = 0) -> tuple[torch.Tensor, float]:
+    """(head_dim // 2,) fp32 inverse frequencies and the cos/sin scale of ``cfg.rope_scaling``.
+
+    ``llama3`` follows Meta's ``apply_scaling`` (transformers' ``_compute_llama3_parameters``);
+    ``longrope`` (Phi-3 / PhiMoE) divides the frequencies by ``rope_long_factor`` and scales
+    cos/sin by ``rope_long_mscale`` when ``seq_len`` exceeds ``rope_original_max_seq_len``, else
+    by the short ones. ``seq_len``: the forward's length (largest position + 1), longrope only.
+    """
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    if cfg.rope_scaling == "llama3":
+        return _llama3_inv_freq(inv, cfg), 1.0
+    if cfg.rope_scaling == "longrope":
+        long = seq_len > cfg.rope_original_max_seq_len
+        ext = torch.tensor(cfg.rope_long_factor if long else cfg.rope_short_factor)
+        inv = 1.0 / (ext * cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+        return inv, cfg.rope_long_mscale if long else cfg.rope_short_mscale
+    return inv, 1.0
+
+
+def _llama3_inv_freq(inv: torch.Tensor, cfg: GPTConfig) -> torch.Tensor:
+    """Long wavelengths divided by ``rope_factor``, short ones kept, the band between them
+    interpolated (Llama 3.1's ``apply_scaling``)."""
+    old, factor = cfg.rope_original_max_seq_len, cfg.rope_factor
+    lo, hi = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / hi) * ~(wavelen > old / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+def model_rope_tables(cfg: GPTConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rope_tables`` with ``cfg``'s scaling: cos/sin (S, D/2) or (B, S, D/2), fp32."""
+    if cfg.rope_scaling == "none":
+        return rope_tables(cfg.head_dim, positions, cfg.rope_theta)
+    seq_len = int(positions.max()) + 1 if cfg.rope_scaling == "longrope" else 0
+    inv, scale = rope_inv_freq(cfg, seq_len)
+    ang = positions.to(torch.float32)[..., None] * inv.to(positions.device)
+    return ang.cos() * scale, ang.sin() * scale
 
 
 def apply_rope(x_BSHD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
@@ -155,12 +279,27 @@ def document_mask(doc_BS: torch.Tensor) -> torch.Tensor:
     return (same & causal)[:, None]
 
 
+def window_mask(
+    S: int, window: int, device: torch.device, start: int = 0, T: int = 0
+) -> torch.Tensor:
+    """(S, T) bool: query ``start + i`` sees key j iff ``start + i - window < j <= start + i``
+    (transformers' sliding-window causal mask); T defaults to S."""
+    pos_q = torch.arange(start, start + S, device=device)[:, None]
+    pos_k = torch.arange(T or S, device=device)[None, :]
+    return (pos_k <= pos_q) & (pos_k > pos_q - window)
+
+
 class CoreAttention(nn.Module):
     """Causal scaled-dot-product attention on (B, S, H, D) tensors; kv may have fewer heads.
 
     ``attn_mask`` (B, 1, S, S) bool (``document_mask``) replaces the causal mask: packed
     documents do not attend to each other. It spans the whole sequence, so under Ulysses (which
     hands this core the full sequence for a subset of heads) the same mask applies."""
+
+    def __init__(self, window: int = 0) -> None:
+        super().__init__()
+        self.window = window
+        """Sliding window: query i sees keys i - window < j <= i (0: every earlier key)."""
 
     def forward(
         self,
@@ -174,6 +313,9 @@ class CoreAttention(nn.Module):
         if rep > 1:
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
+        if self.window > 0:
+            band = window_mask(q.shape[2], self.window, q.device)
+            attn_mask = band if attn_mask is None else attn_mask & band
         if attn_mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -234,7 +376,11 @@ class KVCache:
 
 
 def cached_attention(
-    q_BSHD: torch.Tensor, k_BTKD: torch.Tensor, v_BTKD: torch.Tensor, start_pos: int
+    q_BSHD: torch.Tensor,
+    k_BTKD: torch.Tensor,
+    v_BTKD: torch.Tensor,
+    start_pos: int,
+    window: int = 0,
 ) -> torch.Tensor:
     """Causal attention of S queries at positions ``start_pos..`` over T cached keys (0..T-1).
 
@@ -247,8 +393,7 @@ def cached_attention(
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
     S, T = q.shape[2], k.shape[2]
-    pos_q = torch.arange(start_pos, start_pos + S, device=q.device)
-    mask_ST = torch.arange(T, device=q.device)[None, :] <= pos_q[:, None]
+    mask_ST = window_mask(S, window or T + S, q.device, start_pos, T)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_ST)
     return o.transpose(1, 2)
 
@@ -258,12 +403,12 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.head_dim = cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        self.core = CoreAttention()
+        self.head_dim, bias = cfg.head_dim, cfg.attention_bias
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=bias)
+        self.core = CoreAttention(cfg.sliding_window)
 
     def forward(
         self,
@@ -281,7 +426,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos_SD, sin_SD), apply_rope(k, cos_SD, sin_SD)
         if kv is not None:
             k_all, v_all, start = kv.append(k, v)
-            o_BSHD = cached_attention(q, k_all, v_all, start)
+            o_BSHD = cached_attention(q, k_all, v_all, start, self.core.window)
         elif attn_mask is None:
             o_BSHD = self.core(q, k, v)
         else:
@@ -307,9 +452,9 @@ class Block(nn.Module):
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention_norm = make_norm(cfg)
         self.attention = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = make_norm(cfg)
         self.feed_forward = self.make_ffn(cfg)
 
     def make_ffn(self, cfg: GPTConfig) -> nn.Module:
@@ -367,8 +512,10 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.padded_vocab_size, cfg.dim)
         self.layers = nn.ModuleDict({str(i): self.block_cls(cfg) for i in range(cfg.n_layers)})
-        self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.padded_vocab_size, bias=False)
+        self.norm: nn.Module | None = make_norm(cfg)
+        self.output: nn.Linear | None = nn.Linear(
+            cfg.dim, cfg.padded_vocab_size, bias=cfg.lm_head_bias
+        )
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
@@ -397,7 +544,7 @@ class GPT(nn.Module):
         if positions is None:
             start = self.position_offset if cache is None else cache.start_pos
             positions = torch.arange(start, start + h.shape[1], device=h.device)
-        cos_SD, sin_SD = rope_tables(self.cfg.head_dim, positions, self.cfg.rope_theta)
+        cos_SD, sin_SD = model_rope_tables(self.cfg, positions)
         for key, layer in self.layers.items():
             if cache is None:
                 h = layer(h, cos_SD, sin_SD, **block_kwargs)
@@ -419,6 +566,8 @@ class GPT(nn.Module):
         cfg = self.cfg
         if name.endswith("norm.weight"):
             return torch.ones(shape)
+        if name.endswith(".bias"):  # norms, attention and lm_head biases start at zero
+            return torch.zeros(shape)
         std = cfg.init_std
         if name.endswith(("wo.weight", "w2.weight")):
             std = cfg.init_std / math.sqrt(2 * cfg.n_layers)

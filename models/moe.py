@@ -47,6 +47,7 @@ from models.errors import ConfigError
 from models.gpt import GPT, Block, GPTConfig, KVCache, LayerKV
 
 ROUTERS = ("sparsemixer", "softmax")
+BALANCE_CONVENTIONS = ("lattice", "hf")
 
 
 @dataclass
@@ -61,9 +62,23 @@ class MoEConfig(GPTConfig):
     moe_ffn_hidden: int = 0
     """Hidden size of one expert; 0 means ffn_hidden // top_k (same active FFN parameters as
     the dense model)."""
+    input_jitter: float = 0.0
+    """Training only: the MoE input is multiplied by U(1 - j, 1 + j) per element (PhiMoE's
+    ``input_jitter_noise``, Mixtral's ``router_jitter_noise``); 0 = off."""
+    heun_third: float = 1.0 / 3.0
+    """SparseMixer-v2's forward factor of a non-argmax pick on the 0.75 side of the Heun coin
+    (GRIN's released code and transformers use 0.3333)."""
+    balance_convention: str = "lattice"
+    """``lattice``: the sum over layers of each layer's Switch loss with f = share of routed
+    copies; ``hf``: transformers' ``load_balancing_loss_func`` (top-k of the softmax counted,
+    statistics pooled over all layers before the product; top_k x lattice for one layer)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.balance_convention not in BALANCE_CONVENTIONS:
+            raise ConfigError(
+                f"model.balance_convention={self.balance_convention!r}: use 'lattice' or 'hf'"
+            )
         if self.moe_ffn_hidden <= 0:
             self.moe_ffn_hidden = max(1, self.ffn_hidden // self.top_k)
         if self.router not in ROUTERS:
@@ -109,6 +124,7 @@ def sparsemixer_v2(
     jitter_eps: float = 0.01,
     training: bool = True,
     uniforms_T2X: torch.Tensor | None = None,
+    heun_third: float = 1.0 / 3.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GRIN's SparseMixer-v2 top-2 routing.
 
@@ -138,10 +154,9 @@ def sparsemixer_v2(
         if training:
             if uniforms_T2X is None:
                 uniforms_T2X = torch.rand(T, 2, E + 1, device=scores_TE.device)
-            tiny = torch.finfo(torch.float32).tiny
-            u = uniforms_T2X.float().clamp(tiny, 1.0 - 1e-7)
+            u = clamp_uniforms(uniforms_T2X)
             gumbel_T2E = -torch.log(-torch.log(u[..., :E]))
-            heun_T2 = torch.where(u[..., E] < 0.25, 1.0, 1.0 / 3.0)
+            heun_T2 = torch.where(u[..., E] < 0.25, 1.0, heun_third)
         masked1_TE = s1_TE.masked_fill(~_keep_mask(s1_TE, jitter_eps), float("-inf"))
         argmax1_T1 = s1_TE.argmax(dim=-1, keepdim=True)
         if training:
@@ -163,6 +178,11 @@ def sparsemixer_v2(
             factor_T2 = torch.ones(T, 2, device=scores_TE.device)
         pi_T2E = torch.softmax(torch.stack([masked1_TE, masked2_TE], dim=1), dim=-1)
     return _SparseMixerWeights.apply(scores_TE, pi_T2E, picks_T2, factor_T2), picks_T2
+
+
+def clamp_uniforms(u: torch.Tensor) -> torch.Tensor:
+    """Uniforms in [tiny, 1 - 1e-7] (fp32), so ``-log(-log(u))`` is finite."""
+    return u.float().clamp(torch.finfo(torch.float32).tiny, 1.0 - 1e-7)
 
 
 def topk_softmax(logits_TE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,6 +315,9 @@ class MoE(nn.Module):
         top_k: int = 2,
         router: str = "sparsemixer",
         jitter_eps: float = 0.01,
+        input_jitter: float = 0.0,
+        heun_third: float = 1.0 / 3.0,
+        balance_convention: str = "lattice",
     ) -> None:
         super().__init__()
         self.n_experts, self.top_k, self.router_kind, self.jitter_eps = (
@@ -303,6 +326,8 @@ class MoE(nn.Module):
             router,
             jitter_eps,
         )
+        self.input_jitter, self.heun_third = input_jitter, heun_third
+        self.balance_convention = balance_convention
         self.router = nn.Linear(dim, n_experts, bias=False)
         self.experts = GroupedExperts(n_experts, dim, hidden)
         self.dispatcher: Dispatcher | None = None
@@ -315,6 +340,9 @@ class MoE(nn.Module):
         """Folded into ``keyed_uniform``: ``GPTMoE`` sets it from the layer index (and the
         family adds the run's seed), so layers and runs draw independent noise."""
         self.aux_loss: torch.Tensor | None = None
+        self.aux_stats: torch.Tensor | None = None
+        """``balance_convention=hf``: (counts_E, probsum_E, n) of the last training forward,
+        pooled over layers by ``hf_balance_loss``."""
         self.last_load: torch.Tensor | None = None
         self.last_entropy: float | None = None
 
@@ -334,7 +362,7 @@ class MoE(nn.Module):
             elif self.training and keys_T is not None:
                 T, E = logits_TE.shape
                 u = keyed_uniform(keys_T, self.noise_salt, 2 * (E + 1)).view(T, 2, E + 1)
-            w, idx = sparsemixer_v2(logits_TE, self.jitter_eps, self.training, u)
+            w, idx = sparsemixer_v2(logits_TE, self.jitter_eps, self.training, u, self.heun_third)
         else:
             w, idx = topk_softmax(logits_TE, self.top_k)
         return logits_TE, w, idx
@@ -357,12 +385,40 @@ class MoE(nn.Module):
         f_E = counts_E / (n.detach() * experts_TK.shape[-1])
         return E * (f_E * (psum_E / n.detach())).sum()
 
+    def hf_stats(self, logits_TE: torch.Tensor) -> torch.Tensor:
+        """transformers' balancing statistics of one layer: (counts_E of the top-k of the
+        softmax, probsum_E, n) concatenated, summed over the ``stats_reduce`` group."""
+        E = self.n_experts
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        picks = probs_TE.topk(self.top_k, dim=-1).indices.flatten()
+        counts_E = torch.bincount(picks, minlength=E).float()
+        n_tok = torch.tensor([float(logits_TE.shape[0])], device=logits_TE.device)
+        stats = torch.cat([counts_E, probs_TE.sum(0), n_tok])
+        return self.stats_reduce(stats) if self.stats_reduce is not None else stats
+
+    def jitter(self, x_TD: torch.Tensor, keys_T: torch.Tensor | None) -> torch.Tensor:
+        """``x * U(1 - j, 1 + j)`` elementwise (training, ``input_jitter`` > 0), the uniforms
+        keyed by token like the router noise (salted apart from it)."""
+        if not self.training or self.input_jitter <= 0:
+            return x_TD
+        if keys_T is None:
+            u_TD = torch.rand_like(x_TD, dtype=torch.float32)
+        else:
+            u_TD = keyed_uniform(keys_T, self.noise_salt + (1 << 31), x_TD.shape[-1])
+        j = self.input_jitter
+        return (x_TD.float() * (1.0 - j + 2.0 * j * u_TD)).to(x_TD.dtype)
+
     def forward(self, x_BSD: torch.Tensor, keys_BS: torch.Tensor | None = None) -> torch.Tensor:
         shape = x_BSD.shape
         x_TD = x_BSD.reshape(-1, shape[-1])
         keys_T = keys_BS.reshape(-1).to(x_TD.device) if keys_BS is not None else None
+        x_TD = self.jitter(x_TD, keys_T)
         logits_TE, w_TK, idx_TK = self.route(x_TD, keys_T)
-        self.aux_loss = self.balance_loss(logits_TE, idx_TK) if self.training else None
+        self.aux_loss = self.aux_stats = None
+        if self.training and self.balance_convention == "hf":
+            self.aux_stats = self.hf_stats(logits_TE)
+        elif self.training:
+            self.aux_loss = self.balance_loss(logits_TE, idx_TK)
         flat_e = idx_TK.flatten()
         order = torch.argsort(flat_e, stable=True)
         tok = order // idx_TK.shape[-1]
@@ -375,6 +431,19 @@ class MoE(nn.Module):
         y_sorted = (y_sorted.float() * w_TK.flatten()[order, None]).to(x_TD.dtype)
         out_TD = torch.zeros_like(x_TD).index_add(0, tok, y_sorted)
         return out_TD.view(shape)
+
+
+def hf_balance_loss(stats: list[torch.Tensor]) -> torch.Tensor:
+    """transformers' ``load_balancing_loss_func``: ``E * sum_e (C_e / N) * (P_e / N)`` with the
+    counts C, probability sums P and token rows N of every layer added up first.
+
+    Args:
+        stats: per layer, ``MoE.hf_stats`` (2E + 1,): counts_E, probsum_E, n.
+    """
+    total = torch.stack(stats).sum(0)
+    E = (total.shape[0] - 1) // 2
+    n = total[-1].detach()
+    return E * ((total[:E].detach() / n) * (total[E : 2 * E] / n)).sum()
 
 
 def dense_moe_reference(moe: MoE, x_TD: torch.Tensor) -> torch.Tensor:
@@ -398,7 +467,15 @@ class MoEBlock(Block):
     def make_ffn(self, cfg: GPTConfig) -> nn.Module:
         assert isinstance(cfg, MoEConfig)
         return MoE(
-            cfg.dim, cfg.moe_ffn_hidden, cfg.n_experts, cfg.top_k, cfg.router, cfg.jitter_eps
+            cfg.dim,
+            cfg.moe_ffn_hidden,
+            cfg.n_experts,
+            cfg.top_k,
+            cfg.router,
+            cfg.jitter_eps,
+            cfg.input_jitter,
+            cfg.heun_third,
+            cfg.balance_convention,
         )
 
     def forward(
@@ -454,6 +531,9 @@ class GPTMoE(GPT):
         aux = aux_in
         if self.training:
             own = [m.aux_loss for m in self.moe_layers().values() if m.aux_loss is not None]
+            pooled = [m.aux_stats for m in self.moe_layers().values() if m.aux_stats is not None]
+            if pooled:  # balance_convention=hf (one pipeline stage: refused with pp > 1)
+                own = [hf_balance_loss(pooled)]
             if own:
                 aux = torch.stack(own).sum() if aux is None else aux + torch.stack(own).sum()
         if self.output is None:

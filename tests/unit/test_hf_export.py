@@ -77,6 +77,12 @@ def test_moe_export_is_refused_naming_the_family(tmp_path: Path, capsys) -> None
             }
         )
     )
-    (ckpt / "train_state.json").write_text(json.dumps({"config": {"model": {"name": "gpt_moe"}}}))
+    # Lattice's default gpt_moe (sparsemixer with RMSNorm) has no HF architecture: PhiMoE's
+    # norms are LayerNorm (Mixtral and PhiMoE exports: tests/unit/test_hf_moe.py)
+    moe = {"name": "gpt_moe", "router": "sparsemixer", "norm": "rmsnorm"}
+    (ckpt / "train_state.json").write_text(json.dumps({"config": {"model": moe}}))
     assert main([str(ckpt), str(tmp_path / "hf"), "--format", "hf"]) == 2
-    assert "model.name='gpt_moe' has no Hugging Face mapping yet" in capsys.readouterr().err
+    assert "model.norm='rmsnorm' has no Hugging Face counterpart" in capsys.readouterr().err
+    (ckpt / "train_state.json").write_text(json.dumps({"config": {"model": {"name": "dlrm"}}}))
+    assert main([str(ckpt), str(tmp_path / "hf"), "--format", "hf"]) == 2
+    assert "model.name='dlrm' has no Hugging Face architecture" in capsys.readouterr().err

@@ -56,3 +56,23 @@ def test_rope_uses_global_positions() -> None:
     torch.testing.assert_close(apply_rope(q[:, 4:], cos2, sin2), full[:, 4:])
     # rotation preserves norms
     torch.testing.assert_close(full.norm(dim=-1), q.norm(dim=-1))
+
+
+def test_sliding_window_masks_old_keys_in_training_and_cached_decoding() -> None:
+    """Query i sees keys i - window < j <= i: changing a token beyond the window leaves later
+    logits alone, and prefill + one-token decoding give the full forward's logits."""
+    from models.gpt import KVCache
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, sliding_window=3)).eval()
+    x = torch.randint(0, 64, (1, 10))
+    y = x.clone()
+    y[0, 2] = (x[0, 2] + 1) % 64
+    with torch.no_grad():
+        a, b = model(x), model(y)
+        assert torch.equal(a[0, 5:], b[0, 5:]) and not torch.allclose(a[0, 2:5], b[0, 2:5])
+        cache = KVCache.for_model(model, 1, 10)
+        steps = [model(x[:, :4], cache=cache)] + [
+            model(x[:, i : i + 1], cache=cache) for i in range(4, 10)
+        ]
+        torch.testing.assert_close(torch.cat(steps, dim=1), a, rtol=1e-5, atol=1e-5)

@@ -164,3 +164,26 @@ def test_bad_moe_config_fails_before_any_process_group():
         validate(["model.moe_ffn_hidden=33"], ParallelDims(4, dp_shard=2, tp=2, ep=2))
     with pytest.raises(LayoutError, match=r"parallel.sequence_parallel_norms=true"):
         validate(["parallel.sequence_parallel_norms=true"], ParallelDims(2, tp=2))
+
+
+def test_input_jitter_scales_the_moe_input_by_keyed_uniforms_in_training_only():
+    """``input_jitter``: the MoE of ``x * U(1 - j, 1 + j)`` (router and experts both see it),
+    the uniforms a function of the token key (so a permuted batch permutes the output) and
+    nothing in eval."""
+    from models.moe import keyed_uniform
+
+    torch.manual_seed(0)
+    kw = dict(dim=16, hidden=8, n_experts=4, top_k=2, router="softmax")
+    jit, plain = MoE(**kw, input_jitter=0.2), MoE(**kw)
+    for m in (jit, plain):
+        for p in m.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+    plain.load_state_dict(jit.state_dict())
+    x, keys = torch.randn(1, 6, 16), torch.arange(100, 106)[None]
+    u = keyed_uniform(keys.flatten(), jit.noise_salt + (1 << 31), 16)
+    want = plain.train()(x * (0.8 + 0.4 * u)[None], keys)
+    torch.testing.assert_close(jit.train()(x, keys), want)
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    torch.testing.assert_close(jit(x[:, perm], keys[:, perm]), want[:, perm])
+    assert not torch.allclose(want, plain(x, keys))  # the jitter changes the output
+    torch.testing.assert_close(jit.eval()(x, keys), plain.eval()(x, keys))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -80,8 +80,39 @@ class GPTArgs(ModelArgs):
     """Share the token embedding and the output projection."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation of linear and embedding weights."""
+    head_dim: int = 0
+    """Per-head size; 0 means dim // n_heads (HF ``head_dim``)."""
+    norm: str = "rmsnorm"
+    """``rmsnorm``, or ``layernorm`` with a bias (PhiMoE's norms)."""
+    attention_bias: bool = False
+    """Biases on the q/k/v/o projections (HF ``attention_bias``)."""
+    lm_head_bias: bool = False
+    """A bias on the output projection (HF ``lm_head_bias``)."""
+    sliding_window: int = 0
+    """Each query attends to the last ``sliding_window`` positions only, itself included
+    (HF ``sliding_window``); 0 = full causal attention."""
+    rope_scaling: str = "none"
+    """``none``, ``llama3`` (Llama 3.x, HF ``rope_type: llama3``) or ``longrope`` (PhiMoE)."""
+    rope_factor: float = 8.0
+    """llama3: divisor of the low frequencies (HF ``factor``)."""
+    rope_low_freq_factor: float = 1.0
+    """llama3: HF ``low_freq_factor``."""
+    rope_high_freq_factor: float = 4.0
+    """llama3: HF ``high_freq_factor``."""
+    rope_original_max_seq_len: int = 8192
+    """llama3 / longrope: HF ``original_max_position_embeddings``."""
+    rope_short_factor: list[float] = field(default_factory=list)
+    """longrope: head_dim // 2 frequency divisors up to the original length (HF
+    ``short_factor``)."""
+    rope_long_factor: list[float] = field(default_factory=list)
+    """longrope: the divisors beyond the original length (HF ``long_factor``)."""
+    rope_short_mscale: float = 1.0
+    """longrope: cos/sin scale up to the original length (HF ``short_mscale``)."""
+    rope_long_mscale: float = 1.0
+    """longrope: cos/sin scale beyond it (HF ``long_mscale``)."""
     from_hf: str = ""
-    """A Hugging Face ``save_pretrained`` folder (``LlamaForCausalLM``): the ``model.*`` fields
+    """A Hugging Face ``save_pretrained`` folder (``LlamaForCausalLM`` for model=gpt,
+    ``MixtralForCausalLM`` or ``PhimoeForCausalLM`` for model=gpt_moe): the ``model.*`` fields
     come from its ``config.json`` (an override that contradicts it fails, naming both) and the
     weights from its safetensors, loaded onto any layout one tensor at a time."""
 
@@ -170,10 +201,10 @@ class GPTFamily(Family):
             )
 
     def _hf_folder(self) -> Any:
-        from checkpoint.hf_llama import HFFolder
+        from checkpoint.hf_arch import HFModel
 
         try:
-            return HFFolder(self.job.model.from_hf)
+            return HFModel(self.job.model.from_hf)
         except (FileNotFoundError, ValueError, KeyError) as exc:
             raise ConfigError(f"model.from_hf={self.job.model.from_hf!r}: {exc}") from None
 
@@ -182,19 +213,17 @@ class GPTFamily(Family):
         m = self.job.model
         if not getattr(m, "from_hf", ""):
             return
-        from checkpoint.hf_llama import gpt_config_kwargs
-
         folder = self._hf_folder()
-        if folder.config.get("architectures") != ["LlamaForCausalLM"] or self.name != "gpt":
-            raise ConfigError(
-                f"model.from_hf={m.from_hf!r} is a {folder.architecture} "
-                f"(config.json architectures) for model.name={self.name}: only "
-                "LlamaForCausalLM into model.name=gpt is supported so far"
-            )
-        try:
-            kw = gpt_config_kwargs(folder.config)
+        try:  # the architecture (config.json ``architectures``) picks the mapping
+            family, kw = folder.family, folder.kwargs
         except ValueError as exc:
             raise ConfigError(f"model.from_hf={m.from_hf!r}: {exc}") from None
+        if family != self.name:
+            raise ConfigError(
+                f"model.from_hf={m.from_hf!r} is a {folder.architecture} (config.json "
+                f"architectures), which imports as model={family}, not model.name={self.name}: "
+                f"add model={family}"
+            )
         defaults = type(m)()
         explicit = getattr(m, "cli_fields", None)  # load_config records them
         for key, value in kw.items():
@@ -210,10 +239,8 @@ class GPTFamily(Family):
 
     def _load_hf_weights_(self, model: nn.Module) -> None:
         """Every parameter from the HF folder: each rank reads only the byte ranges of its own
-        shard (``parallelism.init.local_index``; ``HFFolder.read_local``), one tensor at a time,
+        shard (``parallelism.init.local_index``; ``HFModel.read_local``), one tensor at a time,
         so its peak memory is its shard plus about one tensor's slice."""
-        from checkpoint.hf_llama import hf_name
-
         folder = self._hf_folder()
         for fqn, p in model.named_parameters():
             name = canonical_name(fqn)
@@ -222,11 +249,11 @@ class GPTFamily(Family):
             except KeyError as exc:
                 raise ConfigError(f"model.from_hf={folder.path}: {exc.args[0]}") from None
             want = tuple(p.shape)
-            if name in ("tok_embeddings.weight", "output.weight"):  # padded vocabulary rows
+            if name in ("tok_embeddings.weight", "output.weight", "output.bias"):  # padded rows
                 want = (min(want[0], int(self.job.model.vocab_size)), *want[1:])
             if stored != want:
                 raise ConfigError(
-                    f"model.from_hf={folder.path}: tensor {hf_name(name)} has shape "
+                    f"model.from_hf={folder.path}: tensor {folder.hf_keys(name)[0]} has shape "
                     f"{stored}, but config.json implies {want}: the folder's "
                     "weights and config.json disagree"
                 )
@@ -272,6 +299,14 @@ class GPTFamily(Family):
             raise LayoutError(
                 f"train.seq_len={job.train.seq_len} exceeds model.max_seq_len={cfg.max_seq_len}: "
                 "lower train.seq_len or raise model.max_seq_len"
+            )
+        long = job.train.seq_len > cfg.rope_original_max_seq_len
+        if cfg.rope_scaling == "longrope" and dims.sp > 1 and long:
+            raise LayoutError(
+                f"model.rope_scaling=longrope with train.seq_len={job.train.seq_len} > "
+                f"model.rope_original_max_seq_len={cfg.rope_original_max_seq_len} and "
+                f"parallel.sp={dims.sp}: longrope picks its factors by the sequence length, "
+                "which a sequence shard does not see; use parallel.sp=1"
             )
         validate_ulysses(cfg.n_heads, cfg.n_kv_heads, dims.tp, dims.sp, job.train.seq_len)
         validate_tensor_parallel(cfg, dims.tp, job.train.seq_len, job.parallel)
@@ -332,7 +367,7 @@ class GPTFamily(Family):
 
     def checkpoint_adapter(self, model: nn.Module) -> CheckpointAdapter:
         vocab = self.job.model.vocab_size
-        pad = {n: (0, vocab) for n in ("tok_embeddings.weight", "output.weight")}
+        pad = {n: (0, vocab) for n in ("tok_embeddings.weight", "output.weight", "output.bias")}
         return CheckpointAdapter(logical_name=canonical_name, padding=pad)
 
     # -- one step -------------------------------------------------------------------------------

@@ -40,6 +40,16 @@ class MoEArgs(GPTArgs):
     moe_ffn_hidden: int = 0
     """Hidden size of one expert; 0 means ffn_hidden // top_k (the dense model's active FFN
     parameters)."""
+    input_jitter: float = 0.0
+    """Training only: multiply each MoE input element by U(1 - j, 1 + j), keyed by token like
+    the router noise (HF PhiMoE ``input_jitter_noise``, Mixtral ``router_jitter_noise``)."""
+    heun_third: float = 1.0 / 3.0
+    """SparseMixer-v2 forward factor of a non-argmax pick on the coin's 0.75 side (0.3333 in
+    GRIN's released code and transformers; set by ``model.from_hf``)."""
+    balance_convention: str = "lattice"
+    """``lattice`` (sum of per-layer Switch losses, f = share of routed copies) or ``hf``
+    (transformers' ``load_balancing_loss_func``: pooled over layers, top_k x lattice for one
+    layer; needs parallel.pp=1). See docs/moe.md."""
 
 
 class GPTMoEFamily(GPTFamily):
@@ -65,6 +75,12 @@ class GPTMoEFamily(GPTFamily):
                 f"model.moe_ffn_hidden={cfg.moe_ffn_hidden} (expert hidden size) is not divisible "
                 f"by parallel.tp={dims.tp}: tensor parallelism splits every expert's hidden dim; "
                 "set model.moe_ffn_hidden to a multiple of tp"
+            )
+        if cfg.balance_convention == "hf" and dims.pp > 1:
+            raise LayoutError(
+                f"model.balance_convention=hf with parallel.pp={dims.pp}: transformers' loss "
+                "pools every layer's statistics before the product, which pipeline stages "
+                "cannot; use model.balance_convention=lattice or parallel.pp=1"
             )
         if dims.tp > 1 and self.job.parallel.sequence_parallel_norms:
             raise LayoutError(
