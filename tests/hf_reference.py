@@ -140,9 +140,10 @@ def shard_bytes(model: torch.nn.Module, vocab: int) -> int:
 
 def to_lattice(hf_tensors: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
     """HF-named tensors (weights or gradients) -> Lattice names and RoPE row order."""
-    from checkpoint.hf_llama import gpt_config_kwargs, rename, to_lattice_tensor
+    from checkpoint.hf_arch import model_kwargs
+    from checkpoint.hf_llama import rename, to_lattice_tensor
 
-    kw = gpt_config_kwargs(config)
+    kw = model_kwargs(config.to_dict() if hasattr(config, "to_dict") else config)
     out = {}
     for name, t in hf_tensors.items():
         new = rename(name)

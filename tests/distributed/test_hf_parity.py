@@ -94,7 +94,7 @@ def test_8_rank_round_trip_through_export(run_8: dict) -> None:
     from checkpoint.consolidate import load_consolidated
     from checkpoint.export import export_hf
     from checkpoint.format import committed_steps
-    from checkpoint.hf_llama import HFFolder
+    from checkpoint.hf_arch import HFModel
 
     tmp, ranks = run_8["tmp"], run_8["ranks"]
     ckpt = committed_steps(tmp / "run" / "checkpoints")[-1]
@@ -112,12 +112,12 @@ def test_8_rank_round_trip_through_export(run_8: dict) -> None:
         if r["final_logits"] is not None:  # the trained model, on its layout
             assert (r["final_logits"][..., :VOCAB] - logits).abs().max() <= 1e-5, r["coord"]
     saved = {k.removeprefix("model/"): v for k, v in load_consolidated(ckpt, "model/").items()}
-    folder = HFFolder(tmp / "out")
+    folder = HFModel(tmp / "out")
     for name, t in saved.items():  # import(export) == the checkpoint, bit for bit
         full = tuple(torch.arange(n) for n in t.shape)
         assert torch.equal(folder.read_local(name, full), t), name
     assert not torch.equal(  # the 3 steps trained the weights
-        HFFolder(tmp / "hf").lattice_tensor("layers.0.attention.wq.weight"),
+        HFModel(tmp / "hf").lattice_tensor("layers.0.attention.wq.weight"),
         saved["layers.0.attention.wq.weight"],
     )
     for name, text in TOKENIZER.items():

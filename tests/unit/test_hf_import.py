@@ -93,11 +93,17 @@ def test_contradicting_override_and_other_architectures_are_refused(tmp_path: Pa
         _job(tmp_path, f"model.from_hf={tmp_path / 'nothing'}")
 
 
-# The Llama variants the parity tests import. TODO(issue 16, hfmoe): add
-# ``"llama3": {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
-# "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}``
-# once RoPE scaling lands in models/gpt.py (today config.json's llama3 rope_type is refused).
-LLAMA_VARIANTS: dict[str, dict] = {"gqa_untied": {}}
+# The Llama the parity tests import (issue 16): GQA, untied, Llama 3.x RoPE scaling (llama3
+# rescales the low frequencies whatever the sequence length, so seq 16 exercises it).
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+LLAMA_VARIANTS: dict[str, dict] = {"gqa_untied_llama3": {"rope_parameters": LLAMA3_ROPE}}
 
 
 @pytest.mark.parametrize("variant", sorted(LLAMA_VARIANTS))
@@ -164,7 +170,7 @@ def _break_folder(hf: Path, case: str) -> str:
         cfg = json.loads((hf / "config.json").read_text())
         cfg["architectures"] = ["GPT2LMHeadModel"]
         (hf / "config.json").write_text(json.dumps(cfg))
-        return "is a GPT2LMHeadModel (config.json architectures)"
+        return "architecture GPT2LMHeadModel (config.json architectures) is not supported"
     if case == "shard_file":
         (hf / shard).unlink()
         return f"{hf / shard} is missing (listed in model.safetensors.index.json)"
