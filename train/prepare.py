@@ -44,7 +44,6 @@ from tqdm import tqdm
 
 from models.errors import DataError
 from train.corpus import DEFAULT_SUFFIXES, Doc, collect_inputs, kind_of, read_documents
-from train.data import DTYPES
 from train.tokenizer import Tokenizer, TokenizerSpec, load_tokenizer
 
 STATE = ".prepare_state.json"
@@ -180,18 +179,21 @@ class Encoder:
     every document."""
 
     def __init__(self, tok: Tokenizer, eos: int, dtype: str) -> None:
-        self.tok, self.eos, self.dtype = tok, eos, DTYPES[dtype]
+        self.tok, self.eos, self.dtype = tok, eos, np.dtype(dtype)
         self.limit = int(np.iinfo(self.dtype).max)
 
     def __call__(self, batch: list[tuple[str, bool]]) -> tuple[np.ndarray, np.ndarray]:
         ids = self.tok.encode([t for t, _ in batch])
         out = []
         for want_val in (False, True):
-            flat = [x for doc, (_, v) in zip(ids, batch) if v == want_val for x in (*doc, self.eos)]
-            arr = np.asarray(flat, dtype=np.int64)
+            docs = [doc for doc, (_, v) in zip(ids, batch) if v == want_val]
+            for doc in docs:  # fresh lists from the tokenizer: appending copies nothing
+                doc.append(self.eos)
+            n = sum(map(len, docs))
+            arr = np.fromiter(itertools.chain.from_iterable(docs), dtype=np.int64, count=n)
             if arr.size and (arr.max() > self.limit or arr.min() < 0):
                 raise DataError(
-                    f"token id {int(arr.max())} does not fit the shard dtype {self.dtype.__name__}"
+                    f"token id {int(arr.max())} does not fit the shard dtype {self.dtype.name}"
                 )
             out.append(arr.astype(self.dtype))
         return out[0], out[1]
@@ -218,7 +220,7 @@ def encoded(batches: Iterable, encoder: Encoder, spec: TokenizerSpec, workers: i
             yield info, encoder(batch)
         return
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    initargs = (spec, encoder.eos, np.dtype(encoder.dtype).name)
+    initargs = (spec, encoder.eos, encoder.dtype.name)
     with ctx.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
         pending: deque = deque()
         for info, batch in batches:
@@ -274,7 +276,7 @@ class ShardWriter:
             self.files[s] = f
 
     def append(self, split: str, arr: np.ndarray) -> None:
-        self.files[split].write(arr.tobytes())
+        self.files[split].write(memoryview(arr))  # no copy: the array is contiguous
 
     def commit(self, progress: Progress) -> None:
         for f in self.files.values():
@@ -314,7 +316,7 @@ def _start(out: Path, key: str) -> tuple[Progress, dict | None]:
 
 def _meta(args, spec, eos, dtype, vocab, progress: Progress, split_rule: str) -> dict:
     c = progress.splits
-    itemsize = np.dtype(DTYPES[dtype]).itemsize
+    itemsize = np.dtype(dtype).itemsize
     return {
         "dtype": dtype,
         "vocab_size": vocab,
@@ -361,7 +363,7 @@ def prepare(args: PrepareArgs, on_commit: Callable[[Progress], None] | None = No
         batched(stream, args.batch_docs), Encoder(tok, eos, dtype), spec, args.workers
     )
     total = sum(f.stat().st_size for f in files)
-    _write(args, batches, progress, np.dtype(DTYPES[dtype]).itemsize, total, on_commit)
+    _write(args, batches, progress, np.dtype(dtype).itemsize, total, on_commit)
     for s in SPLITS:
         if progress.splits[s].documents == 0:
             raise DataError(

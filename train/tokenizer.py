@@ -92,6 +92,7 @@ class HFTokenizer:
             self._tok.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1
         )
         self.eos_id = self._find_eos(path, vocab)
+        self._encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
 
     def _find_eos(self, path: Path, vocab: dict[str, int]) -> int | None:
         cfg = path.with_name("tokenizer_config.json")
@@ -104,7 +105,8 @@ class HFTokenizer:
         return next((vocab[n] for n in EOS_NAMES if n in special), None)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        # encode_batch_fast: the same ids without computing character offsets (~10% faster)
+        return [e.ids for e in self._encode(texts, add_special_tokens=False)]
 
 
 class SentencePieceTokenizer:
