@@ -13,8 +13,11 @@ holds, so the vocabulary stays 256).
 
 Split: a document goes to validation when crc32 of its key (its path relative to the inputs and
 its index within the file) says so (``--val-fraction``), so adding files never reshuffles the
-split; a single text file (one document) is split by bytes instead: its last ``--val-fraction``
-of UTF-8 bytes, cut at a character boundary, is the validation split.
+split. Text files alone, too few for that rule to be sure of validation documents (fewer than
+``MIN_VAL_DOCS / --val-fraction``: one file, a folder of a few markdown files), are split by
+bytes instead: the last ``--val-fraction`` of each file's UTF-8 bytes, cut at a character
+boundary, is validation (a file too short to cut stays whole in train, unless it is the only
+one).
 
 Determinism: documents are cut into fixed batches of ``--batch-docs`` in input order, tokenized by
 ``--workers`` processes and written in order, so the bytes do not depend on the number of
@@ -48,6 +51,7 @@ from train.tokenizer import Tokenizer, TokenizerSpec, load_tokenizer
 
 STATE = ".prepare_state.json"
 SPLITS = ("train", "val")
+MIN_VAL_DOCS = 4  # expected validation documents below which text files are split by bytes
 
 
 @dataclass
@@ -146,13 +150,19 @@ def split_by_document(docs: Iterable[Doc], val_fraction: float) -> Iterator[tupl
         yield d, (zlib.crc32(d.key.encode()) % 10_000) < val_fraction * 10_000
 
 
-def split_by_bytes(docs: Iterable[Doc], val_fraction: float) -> Iterator[tuple[Doc, bool]]:
-    """Each document in two: its last ``val_fraction`` of UTF-8 bytes is validation."""
+def split_by_bytes(
+    docs: Iterable[Doc], val_fraction: float, single: bool = True
+) -> Iterator[tuple[Doc, bool]]:
+    """Each document in two: its last ``val_fraction`` of UTF-8 bytes is validation. A document
+    too short to cut fails when it is the only one (``single``), else stays whole in train."""
     for d in docs:
         data = d.text.encode("utf-8")
         cut = len(data) - round(len(data) * val_fraction)
         while 0 < cut < len(data) and (data[cut] & 0xC0) == 0x80:  # a continuation byte
             cut += 1
+        if (cut == 0 or cut == len(data)) and not single:
+            yield d, False
+            continue
         if cut == 0 or cut == len(data):
             raise DataError(
                 f"{d.where}: {len(data)} bytes are too few to split into train and validation "
@@ -160,6 +170,12 @@ def split_by_bytes(docs: Iterable[Doc], val_fraction: float) -> Iterator[tuple[D
             )
         yield Doc(data[:cut].decode(), d.where, d.key + ":train", d.advance), False
         yield Doc(data[cut:].decode(), d.where, d.key + ":val", 0), True
+
+
+def splits_by_bytes(files: list[Path], val_fraction: float) -> bool:
+    """Text files only, too few to expect ``MIN_VAL_DOCS`` validation documents by document."""
+    few = len(files) * val_fraction < MIN_VAL_DOCS
+    return few and all(kind_of(f) == "text" for f in files)
 
 
 def capped(stream: Iterable[tuple[Doc, bool]], max_bytes: int) -> Iterator[tuple[Doc, bool, int]]:
@@ -353,11 +369,12 @@ def prepare(args: PrepareArgs, on_commit: Callable[[Progress], None] | None = No
     progress, done = _start(args.out, key)
     if done is not None:
         return done
-    by_bytes = len(files) == 1 and kind_of(files[0]) == "text"
-    split = split_by_bytes if by_bytes else split_by_document
-    stream = capped(
-        split(read_documents(files, root, args.field), args.val_fraction), args.max_bytes
-    )
+    by_bytes = splits_by_bytes(files, args.val_fraction)
+    docs = read_documents(files, root, args.field)
+    if by_bytes:
+        stream = capped(split_by_bytes(docs, args.val_fraction, len(files) == 1), args.max_bytes)
+    else:
+        stream = capped(split_by_document(docs, args.val_fraction), args.max_bytes)
     stream = itertools.islice(stream, progress.docs_done, None)  # resume: skip what is written
     batches = encoded(
         batched(stream, args.batch_docs), Encoder(tok, eos, dtype), spec, args.workers
