@@ -139,7 +139,8 @@ class SentencePieceTokenizer:
         return self._sp.Encode(texts)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file (what meta.json records as the tokenizer's identity)."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -170,7 +171,7 @@ def tokenizer_spec(spec: str) -> TokenizerSpec:
             "Face tokenizer.json, a sentencepiece .model, a tiktoken .tiktoken file, or 'bytes'"
         )
     name = f"{path.resolve().parent.name}/{path.name}"  # "mytok/tokenizer.json"
-    return TokenizerSpec(kind, str(path.resolve()), name, _sha256(path))
+    return TokenizerSpec(kind, str(path.resolve()), name, file_sha256(path))
 
 
 def load_tokenizer(spec: str) -> tuple[TokenizerSpec, Tokenizer]:

@@ -161,6 +161,27 @@ class GPTFamily(Family):
                 f"({source}): token ids up to {have - 1} would index past the embedding; "
                 f"remove the override (model.vocab_size=0 takes it from meta.json) or set >= {have}"
             )
+        self._check_hf_tokenizer(meta)
+
+    def _check_hf_tokenizer(self, meta: dict) -> None:
+        """Shards for an imported model must come from the folder's own ``tokenizer.json``
+        (compared by the sha256 meta.json records); a folder without one is not checked."""
+        m = self.job.model
+        tok_file = Path(getattr(m, "from_hf", "") or ".") / "tokenizer.json"
+        if not getattr(m, "from_hf", "") or not tok_file.is_file():
+            return
+        from train.tokenizer import file_sha256
+
+        record = meta.get("tokenizer")
+        have = record.get("sha256") if isinstance(record, dict) else None
+        if have != file_sha256(tok_file):
+            kind, name = tokenizer_of(meta)
+            meta_path = Path(self.job.data.path or "data_cache/stdlib") / "meta.json"
+            raise ConfigError(
+                f"{meta_path} records the {kind} tokenizer {name}, not model.from_hf's "
+                f"{tok_file} (sha256 differs): prepare the data with `python -m train.prepare "
+                f"--tokenizer {tok_file} --out DIR INPUTS` and set data.path=DIR"
+            )
 
     def _hf_folder(self) -> Any:
         from checkpoint.hf_llama import HFFolder
