@@ -20,11 +20,14 @@ the end:
   plus the EOS id after every document (as Lattice does). ``C`` is a fresh cache folder per run
   and ``keep_in_memory`` is left False, so the time includes writing datasets' Arrow cache (the
   corpus as Arrow, then the ``input_ids`` column, int64 lists: datasets' default).
+* **datasets_fast**: the same with ``encode_batch_fast`` (the same ids, no character offsets;
+  Lattice's encoder calls it), so the ratio that remains is the pipelines', not that call's.
 
 Both sides run as subprocesses timed by wall clock from start to exit (interpreter start and
 imports included), ``TOKENIZERS_PARALLELISM=false`` for both (the two processes are the
 parallelism; Lattice's workers set it themselves), ``--repeat`` times each, alternating; the
 figures are medians. ratio = datasets seconds / Lattice seconds (>= 1: Lattice at least as fast).
+The 1-minute load average before and after every run is recorded (the cores may be shared).
 The token counts must be equal, and after the timed runs the token streams are compared in full:
 datasets' per-document ids, split by Lattice's documented rule (crc32 of ``corpus.jsonl#INDEX``)
 and concatenated, must equal ``train.bin`` and ``val.bin``.
@@ -62,6 +65,8 @@ VOCAB = 8192
 TOKENIZER_SAMPLE = 4 * MB
 POLL_S = 0.05
 VAL_FRACTION = 0.05  # train.prepare's default, used by the stream comparison
+# side -> the datasets tokenize function's Tokenizer method ("" = Lattice)
+SIDES = {"lattice": "", "datasets": "encode_batch", "datasets_fast": "encode_batch_fast"}
 
 
 # -- corpus and tokenizer --------------------------------------------------------------------
@@ -136,19 +141,27 @@ def train_tokenizer(corpus: Path, out: Path) -> Path:
 _TOK = None
 
 
-def _tokenize(batch: dict, tok_path: str, eos: int) -> dict:
+def _tokenize(batch: dict, tok_path: str, eos: int, method: str) -> dict:
     global _TOK
     if _TOK is None:
         from tokenizers import Tokenizer
 
         _TOK = Tokenizer.from_file(tok_path)
-    encs = _TOK.encode_batch(batch["text"], add_special_tokens=False)
+    encs = getattr(_TOK, method)(batch["text"], add_special_tokens=False)
     return {"input_ids": [[*e.ids, eos] for e in encs]}
 
 
-def datasets_side(corpus: str, tok_path: str, cache: str, out_json: str, verify: str = "") -> None:
-    """``load_dataset("json")`` + ``.map(batched=True, num_proc=2)``; writes its figures to
-    ``out_json``. With ``verify`` (a Lattice output folder) the token streams are compared."""
+def datasets_side(
+    corpus: str,
+    tok_path: str,
+    cache: str,
+    out_json: str,
+    verify: str = "",
+    method: str = "encode_batch",
+) -> None:
+    """``load_dataset("json")`` + ``.map(batched=True, num_proc=2)`` tokenizing with
+    ``Tokenizer.<method>``; writes its figures to ``out_json``. With ``verify`` (a Lattice output
+    folder) the token streams are compared."""
     t0 = time.perf_counter()
     import pyarrow.compute as pc
     from datasets import load_dataset
@@ -163,7 +176,7 @@ def datasets_side(corpus: str, tok_path: str, cache: str, out_json: str, verify:
         batched=True,
         num_proc=2,
         remove_columns=["text"],
-        fn_kwargs={"tok_path": tok_path, "eos": eos},
+        fn_kwargs={"tok_path": tok_path, "eos": eos, "method": method},
         desc=None,
     )
     t_map = time.perf_counter()
@@ -239,10 +252,52 @@ def lattice_cmd(corpus: Path, tok: Path, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def datasets_cmd(corpus: Path, tok: Path, cache: Path, res: Path, verify: Path | None) -> list:
+def datasets_cmd(
+    corpus: Path, tok: Path, cache: Path, res: Path, verify: Path | None, method: str
+) -> list:
     code = "import sys; from benchmarks.prepare import datasets_side; datasets_side(*sys.argv[1:])"
-    args = [str(corpus), str(tok), str(cache), str(res)]
-    return [sys.executable, "-c", code, *args, *([str(verify)] if verify else [])]
+    args = [str(corpus), str(tok), str(cache), str(res), str(verify or ""), method]
+    return [sys.executable, "-c", code, *args]
+
+
+def load_average() -> float:
+    """The 1-minute load average (other users of the machine's cores show here)."""
+    return os.getloadavg()[0]
+
+
+def _lattice_run(corpus: Path, tok: Path, out: Path, env: dict, log: Path) -> dict:
+    load = load_average()
+    wall, peak = run_tree(lattice_cmd(corpus, tok, out), env, log)
+    meta = json.loads((out / "meta.json").read_text())
+    written = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    return {
+        "seconds": wall,
+        "peak_rss_mb": peak / MB,
+        "tokens": meta["train_tokens"] + meta["val_tokens"],
+        "documents": meta["documents"]["train"] + meta["documents"]["val"],
+        "written_mb": written / MB,
+        "load_before": load,
+        "load_after": load_average(),
+    }
+
+
+def _datasets_run(work: Path, name: str, corpus: Path, tok: Path, env: dict, method: str) -> dict:
+    cache, res = work / f"hf_cache_{name}", work / f"hf_{name}.json"
+    load = load_average()
+    cmd = datasets_cmd(corpus, tok, cache, res, None, method)
+    wall, peak = run_tree(cmd, env, res.with_suffix(".log"))
+    r = json.loads(res.read_text())
+    shutil.rmtree(cache)
+    return {
+        "seconds": wall,
+        "peak_rss_mb": peak / MB,
+        "tokens": r["tokens"],
+        "documents": r["documents"],
+        "written_mb": r["cache_bytes"] / MB,
+        "in_process_s": {k: r[k] for k in ("import_s", "load_s", "map_s")},
+        "load_before": load,
+        "load_after": load_average(),
+    }
 
 
 def rss_case(work: Path, corpus: Path, tok: Path, env: dict) -> dict:
@@ -284,50 +339,27 @@ def _bench(a, work: Path, env: dict) -> None:
     tok = train_tokenizer(corpus, work / "tok")
     print(f"corpus {size / MB:.1f} MB, tokenizer trained ({time.perf_counter() - t:.0f} s)")
 
-    runs: dict[str, list[dict]] = {"lattice": [], "datasets": []}
+    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
     for i in range(a.repeat):
         out = work / f"lattice_{i}"
-        wall, peak = run_tree(lattice_cmd(corpus, tok, out), env, work / f"lattice_{i}.log")
-        meta = json.loads((out / "meta.json").read_text())
-        written = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-        runs["lattice"].append(
-            {
-                "seconds": wall,
-                "peak_rss_mb": peak / MB,
-                "tokens": meta["train_tokens"] + meta["val_tokens"],
-                "documents": meta["documents"]["train"] + meta["documents"]["val"],
-                "written_mb": written / MB,
-            }
-        )
+        runs["lattice"].append(_lattice_run(corpus, tok, out, env, work / f"lattice_{i}.log"))
         keep = out  # the last run's shards are compared with datasets' stream
         if i < a.repeat - 1:
             shutil.rmtree(out)
-        cache, res = work / f"hf_cache_{i}", work / f"hf_{i}.json"
-        wall, peak = run_tree(
-            datasets_cmd(corpus, tok, cache, res, None), env, res.with_suffix(".log")
-        )
-        r = json.loads(res.read_text())
-        runs["datasets"].append(
-            {
-                "seconds": wall,
-                "peak_rss_mb": peak / MB,
-                "tokens": r["tokens"],
-                "documents": r["documents"],
-                "written_mb": r["cache_bytes"] / MB,
-                "in_process_s": {k: r[k] for k in ("import_s", "load_s", "map_s")},
-            }
-        )
-        shutil.rmtree(cache)
-        print(f"run {i}: lattice {runs['lattice'][-1]['seconds']:.1f} s, datasets {wall:.1f} s")
+        for side, method in SIDES.items():
+            if method:
+                runs[side].append(_datasets_run(work, f"{side}_{i}", corpus, tok, env, method))
+        print(f"run {i}: " + ", ".join(f"{k} {v[-1]['seconds']:.1f} s" for k, v in runs.items()))
 
     # untimed: the full token streams, datasets' split by Lattice's rule vs Lattice's shards
     cache, res = work / "hf_cache_verify", work / "hf_verify.json"
-    run_tree(datasets_cmd(corpus, tok, cache, res, keep), env, res.with_suffix(".log"))
+    cmd = datasets_cmd(corpus, tok, cache, res, keep, "encode_batch")
+    run_tree(cmd, env, res.with_suffix(".log"))
     verify = json.loads(res.read_text())
     shutil.rmtree(cache)
     shutil.rmtree(keep)
     lat_tokens = {r["tokens"] for r in runs["lattice"]}
-    hf_tokens = {r["tokens"] for r in runs["datasets"]}
+    hf_tokens = {r["tokens"] for side in SIDES if SIDES[side] for r in runs[side]}
     assert len(lat_tokens) == 1 and lat_tokens == hf_tokens, (lat_tokens, hf_tokens)
     assert all(verify["streams_identical"].values()), verify["streams_identical"]
     tokens = lat_tokens.pop()
@@ -356,6 +388,8 @@ def _bench(a, work: Path, env: dict) -> None:
         }
         rows.append({"side": side, **summary[side], "runs": len(rs)})
     ratio = summary["datasets"]["seconds"] / summary["lattice"]["seconds"]
+    ratio_fast = summary["datasets_fast"]["seconds"] / summary["lattice"]["seconds"]
+    loads = [r[k] for rs in runs.values() for r in rs for k in ("load_before", "load_after")]
     rss_ok = rss_ratio <= 1.10
     for k in ("small", "large"):
         rows.append(
@@ -382,7 +416,9 @@ def _bench(a, work: Path, env: dict) -> None:
         "repeat": a.repeat,
         "summary": summary,
         "ratio_datasets_over_lattice": ratio,
+        "ratio_datasets_fast_over_lattice": ratio_fast,
         "lattice_at_least_as_fast": ratio >= 1,
+        "load_average_1min": {"min": min(loads), "max": max(loads)},
         "streams_identical": verify["streams_identical"],
         "runs": runs,
         "rss": {**rss, "ratio_large_over_small": rss_ratio, "within_10_percent": rss_ok},
@@ -391,6 +427,8 @@ def _bench(a, work: Path, env: dict) -> None:
             "lattice": "train.bin + val.bin (uint16 ids, EOS after each document) + meta.json",
             "datasets": "Arrow cache: the corpus as Arrow (load_dataset json) and the input_ids "
             "column (int64 lists) from map(num_proc=2), fresh cache dir per run",
+            "datasets_fast": "the same, tokenizing with encode_batch_fast (no offsets, as "
+            "Lattice's encoder does)",
         },
     }
     notes = (
@@ -401,8 +439,13 @@ def _bench(a, work: Path, env: dict) -> None:
         f"on both sides. Lattice: `python -m train.prepare --workers 2` (writes train.bin + "
         f"val.bin uint16 + meta.json). datasets: `load_dataset('json')` + `.map(batched=True, "
         f"num_proc=2)`, fresh cache dir per run, keep_in_memory=False (writes its Arrow cache: "
-        f"the text and int64 input_ids). Medians of {a.repeat} runs per side. "
-        f"**ratio datasets/Lattice = {ratio:.2f}** (>= 1: Lattice at least as fast). Token counts "
+        f"the text and int64 input_ids); its tokenize function calls `Tokenizer.encode_batch`, "
+        f"and datasets_fast calls `encode_batch_fast` (the same ids without character offsets, "
+        f"which is what Lattice's encoder calls). Medians of {a.repeat} runs per side, the sides "
+        f"alternating. **ratio datasets/Lattice = {ratio:.2f}**, datasets_fast/Lattice = "
+        f"{ratio_fast:.2f} (>= 1: Lattice at least as fast). 1-minute load average (other "
+        f"engineers share the 2 cores) between {min(loads):.2f} and {max(loads):.2f} around the "
+        f"timed runs (a load above ~2 means the runs competed for the cores). Token counts "
         f"equal; full token streams identical (datasets' ids split by Lattice's crc32 rule vs "
         f"train.bin/val.bin): {verify['streams_identical']}. Peak RSS of the train.prepare "
         f"process tree (psutil, RSS summed over parent and workers, every 0.05 s): "

@@ -1,12 +1,17 @@
-"""``python -m train.generate CKPT --prompt "..."``: sample text from a Lattice checkpoint.
+"""``python -m train.generate CKPT_OR_HF_DIR --prompt "..."``: sample text from a Lattice
+checkpoint or a Hugging Face Llama folder.
 
     python -m train.generate runs/default/checkpoints --prompt "def " --max-new-tokens 64
     python -m train.generate runs/x/checkpoints/step_00000100 --prompt "import" \\
         --temperature 0.8 --top-p 0.95 --seed 1
+    python -m train.generate path/to/llama --prompt "Once upon" --temperature 0
 
 Loads a checkpoint saved on any layout (``checkpoint.consolidate.load_consolidated`` assembles
-the logical tensors; the run's config rides in ``train_state.json``), builds the plain
-single-process model of the run's family (``gpt`` or ``gpt_moe``), and decodes with a KV cache:
+the logical tensors; the run's config rides in ``train_state.json``) or a ``save_pretrained``
+``LlamaForCausalLM`` folder (``config.json`` + safetensors, read one tensor at a time through
+``checkpoint.hf_llama.HFFolder``, the importer ``model.from_hf`` uses; its ``tokenizer.json``
+decodes), builds the plain single-process model of the family (``gpt`` or ``gpt_moe``), and
+decodes with a KV cache:
 the prompt is run once (prefill), then one token per step reuses the cached keys/values
 (``models.gpt.KVCache``). Greedy at ``--temperature 0``, else temperature + nucleus (top-p)
 sampling from a seeded ``torch.Generator``; tokens stream to stdout as they are produced.
@@ -17,8 +22,9 @@ token for token against the uncached full forward and against transformers' gree
 converted Llama (``checkpoint/hf_llama.py``).
 
 Decoding uses the data's tokenizer: the data folder's ``meta.json`` ``tokenizer`` entry
-(``"bytes"``, or ``{kind, name, sha256}`` naming a ``tokenizer.json`` or sentencepiece model),
-else bytes (vocabulary 256, invalid UTF-8 shown as U+FFFD).
+(``"bytes"``, or ``{kind, name, sha256}`` naming a ``tokenizer.json``, sentencepiece model or
+tiktoken file), else bytes (vocabulary 256, invalid UTF-8 shown as U+FFFD); for a Hugging Face
+folder, its ``tokenizer.json`` (``--data`` overrides both).
 """
 
 from __future__ import annotations
@@ -104,8 +110,37 @@ def load_weights(model: GPT, tensors: dict[str, torch.Tensor]) -> None:
         )
 
 
+def is_hf_folder(path: Path | str) -> bool:
+    """A ``save_pretrained`` folder (``config.json``), not a Lattice checkpoint or run."""
+    p = Path(path)
+    return (p / "config.json").is_file() and not (p / INDEX).exists()
+
+
+def load_hf_model(folder: Path | str) -> GPT:
+    """The model of a Hugging Face Llama, Mixtral or PhiMoE folder (``checkpoint.hf_arch``),
+    in eval mode, filled one tensor at a time."""
+    from checkpoint.hf_arch import HFModel
+
+    try:
+        hf = HFModel(folder)
+        config_cls, model_cls = MODELS[hf.family]
+        fields = config_cls.__dataclass_fields__
+        with torch.device("meta"):
+            model = model_cls(config_cls(**{k: v for k, v in hf.kwargs.items() if k in fields}))
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            for name, p in model.named_parameters():  # a tied output is tok_embeddings
+                p.copy_(hf.lattice_tensor(name).to(torch.float32))
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise GenerateError(f"CKPT {str(folder)!r} (a Hugging Face folder): {exc}") from None
+    return model.eval()
+
+
 def load_model(ckpt: Path | str) -> tuple[GPT, dict]:
-    """(model in eval mode with the checkpoint's weights, the run's config) for ``ckpt``."""
+    """(model in eval mode with the weights, the run's config) for a checkpoint, or for a
+    Hugging Face Llama folder (config: ``{"hf": folder}``)."""
+    if is_hf_folder(ckpt):
+        return load_hf_model(ckpt), {"hf": str(ckpt)}
     step = resolve_checkpoint(ckpt)
     cfg = saved_config(step)
     model = build_model(cfg.get("model") or {})
@@ -152,14 +187,24 @@ def load_tokenizer(folder: Path) -> Tokenizer:
     if not isinstance(entry, dict) or entry.get("kind", "bytes") == "bytes":
         return BYTES
     kind, path = entry["kind"], _tokenizer_file(folder, str(entry.get("name", "")))
-    if kind in ("sentencepiece", "spm") or path.suffix == ".model":
+    if kind in ("sentencepiece", "spm"):
         import sentencepiece
 
         sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         return Tokenizer(lambda s: sp.encode(s), lambda ids: sp.decode(ids), kind)
-    from tokenizers import Tokenizer as HFTokenizer
+    return hf_tokenizer(path, kind)
 
-    tok = HFTokenizer.from_file(str(path))
+
+def hf_tokenizer(path: Path, kind: str = "hf") -> Tokenizer:
+    """A ``tokenizer.json`` (or, ``kind="tiktoken"``, a tiktoken BPE file) via ``tokenizers``."""
+    if kind == "tiktoken":
+        from train.tiktoken_bpe import load_tiktoken
+
+        tok = load_tiktoken(path)
+    else:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        tok = HFTokenizer.from_file(str(path))
     return Tokenizer(
         lambda s: tok.encode(s, add_special_tokens=False).ids,
         lambda ids: tok.decode(ids, skip_special_tokens=False),
@@ -254,7 +299,11 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = _Parser(prog="python -m train.generate", description=__doc__.splitlines()[0])
-    ap.add_argument("ckpt", help="checkpoint: a step_* folder, a checkpoints folder or a run dir")
+    ap.add_argument(
+        "ckpt",
+        help="a checkpoint (step_* folder, checkpoints folder or run dir) or a Hugging Face "
+        "Llama folder",
+    )
     ap.add_argument("--prompt", required=True, help="text to continue")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
     ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -288,11 +337,27 @@ def encode_prompt(tok: Tokenizer, prompt: str, model: GPT, max_new_tokens: int) 
     return ids
 
 
+def run_tokenizer(cfg: dict, data: str | None) -> Tokenizer:
+    """``--data``'s tokenizer, else a Hugging Face folder's ``tokenizer.json``, else the run's
+    data folder's."""
+    if data:
+        return load_tokenizer(Path(data))
+    if "hf" in cfg:
+        path = Path(cfg["hf"]) / "tokenizer.json"
+        if not path.is_file():
+            raise GenerateError(
+                f"CKPT {cfg['hf']!r} has no tokenizer.json: copy it there or pass --data DIR "
+                "(a folder whose meta.json names the tokenizer)"
+            )
+        return hf_tokenizer(path)
+    return load_tokenizer(data_dir(cfg))
+
+
 def run(a: argparse.Namespace) -> None:
     """Load, encode, stream the generated text to stdout."""
     model, cfg = load_model(a.ckpt)
     model = model.to(a.device)
-    tok = load_tokenizer(Path(a.data) if a.data else data_dir(cfg))
+    tok = run_tokenizer(cfg, a.data)
     ids = encode_prompt(tok, a.prompt, model, a.max_new_tokens)
     stream = Streamer(tok, ids)
     sys.stdout.write(a.prompt)

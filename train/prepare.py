@@ -13,8 +13,11 @@ holds, so the vocabulary stays 256).
 
 Split: a document goes to validation when crc32 of its key (its path relative to the inputs and
 its index within the file) says so (``--val-fraction``), so adding files never reshuffles the
-split; a single text file (one document) is split by bytes instead: its last ``--val-fraction``
-of UTF-8 bytes, cut at a character boundary, is the validation split.
+split. Text files alone, too few for that rule to be sure of validation documents (fewer than
+``MIN_VAL_DOCS / --val-fraction``: one file, a folder of a few markdown files), are split by
+bytes instead: the last ``--val-fraction`` of each file's UTF-8 bytes, cut at a character
+boundary, is validation (a file too short to cut stays whole in train, unless it is the only
+one).
 
 Determinism: documents are cut into fixed batches of ``--batch-docs`` in input order, tokenized by
 ``--workers`` processes and written in order, so the bytes do not depend on the number of
@@ -44,11 +47,11 @@ from tqdm import tqdm
 
 from models.errors import DataError
 from train.corpus import DEFAULT_SUFFIXES, Doc, collect_inputs, kind_of, read_documents
-from train.data import DTYPES
 from train.tokenizer import Tokenizer, TokenizerSpec, load_tokenizer
 
 STATE = ".prepare_state.json"
 SPLITS = ("train", "val")
+MIN_VAL_DOCS = 4  # expected validation documents below which text files are split by bytes
 
 
 @dataclass
@@ -147,13 +150,19 @@ def split_by_document(docs: Iterable[Doc], val_fraction: float) -> Iterator[tupl
         yield d, (zlib.crc32(d.key.encode()) % 10_000) < val_fraction * 10_000
 
 
-def split_by_bytes(docs: Iterable[Doc], val_fraction: float) -> Iterator[tuple[Doc, bool]]:
-    """Each document in two: its last ``val_fraction`` of UTF-8 bytes is validation."""
+def split_by_bytes(
+    docs: Iterable[Doc], val_fraction: float, single: bool = True
+) -> Iterator[tuple[Doc, bool]]:
+    """Each document in two: its last ``val_fraction`` of UTF-8 bytes is validation. A document
+    too short to cut fails when it is the only one (``single``), else stays whole in train."""
     for d in docs:
         data = d.text.encode("utf-8")
         cut = len(data) - round(len(data) * val_fraction)
         while 0 < cut < len(data) and (data[cut] & 0xC0) == 0x80:  # a continuation byte
             cut += 1
+        if (cut == 0 or cut == len(data)) and not single:
+            yield d, False
+            continue
         if cut == 0 or cut == len(data):
             raise DataError(
                 f"{d.where}: {len(data)} bytes are too few to split into train and validation "
@@ -161,6 +170,12 @@ def split_by_bytes(docs: Iterable[Doc], val_fraction: float) -> Iterator[tuple[D
             )
         yield Doc(data[:cut].decode(), d.where, d.key + ":train", d.advance), False
         yield Doc(data[cut:].decode(), d.where, d.key + ":val", 0), True
+
+
+def splits_by_bytes(files: list[Path], val_fraction: float) -> bool:
+    """Text files only, too few to expect ``MIN_VAL_DOCS`` validation documents by document."""
+    few = len(files) * val_fraction < MIN_VAL_DOCS
+    return few and all(kind_of(f) == "text" for f in files)
 
 
 def capped(stream: Iterable[tuple[Doc, bool]], max_bytes: int) -> Iterator[tuple[Doc, bool, int]]:
@@ -180,18 +195,21 @@ class Encoder:
     every document."""
 
     def __init__(self, tok: Tokenizer, eos: int, dtype: str) -> None:
-        self.tok, self.eos, self.dtype = tok, eos, DTYPES[dtype]
+        self.tok, self.eos, self.dtype = tok, eos, np.dtype(dtype)
         self.limit = int(np.iinfo(self.dtype).max)
 
     def __call__(self, batch: list[tuple[str, bool]]) -> tuple[np.ndarray, np.ndarray]:
         ids = self.tok.encode([t for t, _ in batch])
         out = []
         for want_val in (False, True):
-            flat = [x for doc, (_, v) in zip(ids, batch) if v == want_val for x in (*doc, self.eos)]
-            arr = np.asarray(flat, dtype=np.int64)
+            docs = [doc for doc, (_, v) in zip(ids, batch) if v == want_val]
+            for doc in docs:  # fresh lists from the tokenizer: appending copies nothing
+                doc.append(self.eos)
+            n = sum(map(len, docs))
+            arr = np.fromiter(itertools.chain.from_iterable(docs), dtype=np.int64, count=n)
             if arr.size and (arr.max() > self.limit or arr.min() < 0):
                 raise DataError(
-                    f"token id {int(arr.max())} does not fit the shard dtype {self.dtype.__name__}"
+                    f"token id {int(arr.max())} does not fit the shard dtype {self.dtype.name}"
                 )
             out.append(arr.astype(self.dtype))
         return out[0], out[1]
@@ -218,7 +236,7 @@ def encoded(batches: Iterable, encoder: Encoder, spec: TokenizerSpec, workers: i
             yield info, encoder(batch)
         return
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    initargs = (spec, encoder.eos, np.dtype(encoder.dtype).name)
+    initargs = (spec, encoder.eos, encoder.dtype.name)
     with ctx.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
         pending: deque = deque()
         for info, batch in batches:
@@ -274,7 +292,7 @@ class ShardWriter:
             self.files[s] = f
 
     def append(self, split: str, arr: np.ndarray) -> None:
-        self.files[split].write(arr.tobytes())
+        self.files[split].write(memoryview(arr))  # no copy: the array is contiguous
 
     def commit(self, progress: Progress) -> None:
         for f in self.files.values():
@@ -314,7 +332,7 @@ def _start(out: Path, key: str) -> tuple[Progress, dict | None]:
 
 def _meta(args, spec, eos, dtype, vocab, progress: Progress, split_rule: str) -> dict:
     c = progress.splits
-    itemsize = np.dtype(DTYPES[dtype]).itemsize
+    itemsize = np.dtype(dtype).itemsize
     return {
         "dtype": dtype,
         "vocab_size": vocab,
@@ -351,17 +369,18 @@ def prepare(args: PrepareArgs, on_commit: Callable[[Progress], None] | None = No
     progress, done = _start(args.out, key)
     if done is not None:
         return done
-    by_bytes = len(files) == 1 and kind_of(files[0]) == "text"
-    split = split_by_bytes if by_bytes else split_by_document
-    stream = capped(
-        split(read_documents(files, root, args.field), args.val_fraction), args.max_bytes
-    )
+    by_bytes = splits_by_bytes(files, args.val_fraction)
+    docs = read_documents(files, root, args.field)
+    if by_bytes:
+        stream = capped(split_by_bytes(docs, args.val_fraction, len(files) == 1), args.max_bytes)
+    else:
+        stream = capped(split_by_document(docs, args.val_fraction), args.max_bytes)
     stream = itertools.islice(stream, progress.docs_done, None)  # resume: skip what is written
     batches = encoded(
         batched(stream, args.batch_docs), Encoder(tok, eos, dtype), spec, args.workers
     )
     total = sum(f.stat().st_size for f in files)
-    _write(args, batches, progress, np.dtype(DTYPES[dtype]).itemsize, total, on_commit)
+    _write(args, batches, progress, np.dtype(dtype).itemsize, total, on_commit)
     for s in SPLITS:
         if progress.splits[s].documents == 0:
             raise DataError(

@@ -1,5 +1,6 @@
-"""``data.document_mask=true`` on tp=2 x sp=2 (Ulysses) equals the single process with the mask;
-the single process with the mask equals each document run alone (tests/unit/test_document_mask)."""
+"""``data.document_mask=true`` on tp=2 x sp=2 (Ulysses), pp=2 and tp=2 x pp=2 equals the single
+process with the mask; the single process with the mask equals each document run alone
+(tests/unit/test_document_mask)."""
 
 from __future__ import annotations
 
@@ -68,12 +69,34 @@ def _trainer_rank(rank: int, world: int, overrides: list[str]) -> dict:
     return _train(overrides)
 
 
-def test_document_mask_on_tp2_sp2_equals_single_process(doc_data, tmp_path) -> None:
-    ref = _train(_overrides(doc_data, str(tmp_path / "ref"), True))
-    plain = _train(_overrides(doc_data, str(tmp_path / "plain"), False))
-    # control: the mask changes the computation on this data (documents are shorter than S)
+@pytest.fixture(scope="module")
+def masked_ref(doc_data, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The single process with the mask (and the control: the mask changes the computation on
+    this data, whose documents are shorter than S)."""
+    tmp = tmp_path_factory.mktemp("ref")
+    ref = _train(_overrides(doc_data, str(tmp / "ref"), True))
+    plain = _train(_overrides(doc_data, str(tmp / "plain"), False))
     assert abs(plain["losses"][0] - ref["losses"][0]) > 1e-4
-    layout = ["parallel.tp=2", "parallel.sp=2", "parallel.dp_shard=1"]
-    over = [*_overrides(doc_data, str(tmp_path / "tp2sp2"), True), *layout]
-    got = run_on_ranks(_trainer_rank, 4, over, timeout_s=180)[0]
-    assert_runs_close(ref, got)
+    return ref
+
+
+LAYOUTS = {
+    "tp2_sp2": ["parallel.tp=2", "parallel.sp=2", "parallel.dp_shard=1"],
+    # pipeline stages get the document positions/mask as schedule keyword arguments
+    "pp2": ["parallel.pp=2", "parallel.dp_shard=1"],
+    "tp2_pp2": ["parallel.tp=2", "parallel.pp=2", "parallel.dp_shard=1"],
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_document_mask_on_a_layout_equals_single_process(
+    doc_data, masked_ref, tmp_path, layout: str
+) -> None:
+    world = 4 if layout != "pp2" else 2
+    over = [*_overrides(doc_data, str(tmp_path / layout), True), *LAYOUTS[layout]]
+    results = run_on_ranks(_trainer_rank, world, over, timeout_s=180)
+    weights: dict = {}
+    for r in results:  # pipeline ranks each hold their own stages
+        weights.update(r["weights"])
+    assert weights.keys() == masked_ref["weights"].keys()
+    assert_runs_close(masked_ref, {**results[0], "weights": weights})

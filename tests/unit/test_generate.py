@@ -17,7 +17,16 @@ from checkpoint.hf_llama import llama_to_lattice, unpermute_rope
 from models.gpt import GPT, GPTConfig, KVCache
 from models.moe import GPTMoE, MoEConfig
 from parallelism.init import materialize_and_init_
-from train.generate import BYTES, Streamer, generate, load_tokenizer, main, sample_next
+from tests.tokenizer_utils import train_byte_bpe
+from train.generate import (
+    BYTES,
+    Streamer,
+    generate,
+    load_model,
+    load_tokenizer,
+    main,
+    sample_next,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CFG = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, init_std=0.3)
@@ -86,10 +95,10 @@ def test_unpermute_rope_inverts_hf_permute() -> None:
     assert torch.equal(unpermute_rope(hf, H), w)
 
 
-def _hf_llama(tmp_path: Path, tie: bool = False, n_kv_heads: int = 2):
+def _hf_llama(tmp_path: Path, tie: bool = False, n_kv_heads: int = 2, vocab_size: int = 96):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(
-        vocab_size=96,
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=160,
         num_hidden_layers=2,
@@ -134,6 +143,46 @@ def test_converted_llama_matches_transformers_generate(
     assert want.shape == got.shape == (2, 11 + n)
     assert torch.equal(got, want)
     assert len(set(got[0, 11:].tolist())) > 2
+
+
+def _byte_bpe(vocab_size: int):
+    """A byte-level BPE trained on the stdlib json package's sources (no download)."""
+    texts = [p.read_text() for p in sorted(Path(json.__file__).parent.glob("*.py"))]
+    tok = train_byte_bpe(texts, vocab_size)
+    assert tok.get_vocab_size() == vocab_size
+    return tok
+
+
+def test_generate_on_an_imported_llama_folder_equals_transformers_generate(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Must-show 5 through the entry point: ``python -m train.generate HF_DIR`` on a random
+    ``LlamaForCausalLM`` saved with ``save_pretrained`` (and its tokenizer.json) decodes
+    greedily what transformers' ``generate`` decodes, token for token (API and CLI)."""
+    hf = _hf_llama(tmp_path, vocab_size=320)
+    folder = tmp_path / "llama"
+    tok = _byte_bpe(320)
+    tok.save(str(folder / "tokenizer.json"))
+    prompt, n = "def load(self, ", 24
+    ids = tok.encode(prompt).ids
+    x = torch.tensor([ids])
+    want = hf.generate(
+        x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False, pad_token_id=0
+    )
+    model, cfg = load_model(folder)
+    assert cfg == {"hf": str(folder)} and model.cfg.vocab_size == 320
+    got = generate(model, x, n, temperature=0.0)
+    assert torch.equal(got, want)
+    assert len(set(got[0, len(ids) :].tolist())) > 2  # not one repeated token
+    r = _cli(str(folder), "--prompt", prompt, "--max-new-tokens", str(n), "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    full = tok.decode(want[0].tolist())
+    assert r.stdout == prompt + full[len(tok.decode(ids)) :] + "\n"
+    (folder / "tokenizer.json").unlink()
+    capsys.readouterr()  # transformers' progress bars so far
+    assert main([str(folder), "--prompt", prompt]) == 2
+    err = capsys.readouterr().err
+    assert "has no tokenizer.json" in err and "--data" in err and err.count("\n") == 1
 
 
 # -- the command line, end to end ------------------------------------------------------------

@@ -201,3 +201,27 @@ def test_bad_folder_fails_with_one_line_naming_the_file_or_key(
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err, err
     assert expected in err, err
+
+
+def test_data_from_another_tokenizer_than_the_imported_models_is_refused(tmp_path: Path):
+    """Build 2 of the real-text issue: shards tokenized with something else than the
+    model.from_hf folder's tokenizer.json fail naming both; its own tokenizer passes."""
+    from tests.tokenizer_utils import train_byte_bpe
+    from train.prepare import PrepareArgs, prepare
+
+    save_tiny_llama(tmp_path / "hf")
+    texts = [p.read_text() for p in sorted(Path(json.__file__).parent.glob("*.py"))]
+    tok_file = tmp_path / "hf" / "tokenizer.json"
+    train_byte_bpe(texts, VOCAB, ["<|endoftext|>"]).save(str(tok_file))
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, text in enumerate(texts):
+        (src / f"{i}.txt").write_text(text)
+    for name, tok in (("bytes_data", "bytes"), ("own_data", str(tok_file))):
+        args = PrepareArgs(out=tmp_path / name, inputs=[src], tokenizer=tok, val_fraction=0.5)
+        prepare(args)
+    shards = ["data.name=shards", "data.max_bytes=16000000"]  # max_bytes: the default back
+    with pytest.raises(ConfigError, match=r"bytes_data/meta.json records the bytes tokenizer "):
+        _job(tmp_path, *shards, f"data.path={tmp_path / 'bytes_data'}")
+    job, _, _ = _job(tmp_path, *shards, f"data.path={tmp_path / 'own_data'}")
+    assert job.model.vocab_size == VOCAB

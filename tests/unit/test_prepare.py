@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.tokenizer_utils import train_byte_bpe
 from train.data import TokenShards, verify_shards
 from train.prepare import STATE, PrepareArgs, main, parse_args, prepare
 
@@ -37,18 +38,7 @@ def _paragraphs() -> list[str]:
 @pytest.fixture(scope="module")
 def bpe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A byte-level BPE (vocabulary 512, EOS ``<|endoftext|>``) saved as tokenizer.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_paragraphs(), trainer)
+    tok = train_byte_bpe(_paragraphs(), 512, ["<|endoftext|>"])
     path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
     tok.save(str(path))
     return path
@@ -257,6 +247,29 @@ def test_a_single_text_file_is_split_by_bytes(tmp_path: Path) -> None:
     assert bytes(tr[:-1].astype(np.uint8)) + bytes(va[:-1].astype(np.uint8)) == data
     assert abs(va.size - 1 - 0.1 * len(data)) <= 3  # the last 10%, cut at a character boundary
     bytes(va[:-1].astype(np.uint8)).decode()  # valid UTF-8 on its own
+
+
+def test_a_folder_of_a_few_markdown_files_is_split_by_bytes(tmp_path: Path) -> None:
+    """Three files at --val-fraction 0.05 would rarely give a validation document by the
+    document rule: each file's last 5% is validation; a file too short to cut stays in train."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    texts = {"a.md": "# A\n" + _paragraphs()[0] * 3, "b.md": "".join(_paragraphs()[1:4]) + " ☃"}
+    texts["c.md"] = "tiny"  # 4 bytes: 5% of it rounds to nothing
+    for name, text in texts.items():
+        (docs / name).write_text(text)
+    out = _run(tmp_path, "out", str(docs))
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["split"]["by"] == "bytes"
+    assert meta["documents"] == {"train": 3, "val": 2}
+    tr, va = (np.fromfile(out / f"{s}.bin", dtype=np.uint16).tolist() for s in ("train", "val"))
+    train_docs = bytes(tr).split(b"\0")[:-1]
+    val_docs = bytes(va).split(b"\0")[:-1]
+    assert train_docs[2] == b"tiny"
+    for i, name in enumerate(("a.md", "b.md")):
+        data = texts[name].encode()
+        assert train_docs[i] + val_docs[i] == data
+        assert abs(len(val_docs[i]) - 0.05 * len(data)) <= 3
 
 
 def _error(tmp_path: Path, capsys, *argv: str) -> str:

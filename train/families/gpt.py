@@ -199,6 +199,27 @@ class GPTFamily(Family):
                 f"({source}): token ids up to {have - 1} would index past the embedding; "
                 f"remove the override (model.vocab_size=0 takes it from meta.json) or set >= {have}"
             )
+        self._check_hf_tokenizer(meta)
+
+    def _check_hf_tokenizer(self, meta: dict) -> None:
+        """Shards for an imported model must come from the folder's own ``tokenizer.json``
+        (compared by the sha256 meta.json records); a folder without one is not checked."""
+        m = self.job.model
+        tok_file = Path(getattr(m, "from_hf", "") or ".") / "tokenizer.json"
+        if not getattr(m, "from_hf", "") or not tok_file.is_file():
+            return
+        from train.tokenizer import file_sha256
+
+        record = meta.get("tokenizer")
+        have = record.get("sha256") if isinstance(record, dict) else None
+        if have != file_sha256(tok_file):
+            kind, name = tokenizer_of(meta)
+            meta_path = Path(self.job.data.path or "data_cache/stdlib") / "meta.json"
+            raise ConfigError(
+                f"{meta_path} records the {kind} tokenizer {name}, not model.from_hf's "
+                f"{tok_file} (sha256 differs): prepare the data with `python -m train.prepare "
+                f"--tokenizer {tok_file} --out DIR INPUTS` and set data.path=DIR"
+            )
 
     def _hf_folder(self) -> Any:
         from checkpoint.hf_arch import HFModel
@@ -289,11 +310,6 @@ class GPTFamily(Family):
         meta = self._data_meta()
         if meta is not None:
             self._resolve_vocab(meta)
-        if job.data.document_mask and dims.pp > 1:
-            raise LayoutError(
-                f"data.document_mask=true with parallel.pp={dims.pp} is not supported yet "
-                "(pipeline stages receive no document boundaries): use pp=1 or drop the mask"
-            )
         cfg = self.model_config()  # dim % n_heads, n_heads % n_kv_heads
         if job.train.seq_len > cfg.max_seq_len:
             raise LayoutError(
@@ -401,11 +417,17 @@ class GPTFamily(Family):
         sl, dev = self.seq_slice, self.device
         pos: Any = torch.arange(sl.start, sl.stop, device=dev)
         if self.eos_id is not None:
-            doc = document_ids(x, self.eos_id)
-            pos = (document_positions(doc)[:, sl].to(dev), document_mask(doc).to(dev))
+            pos = self._document_inputs(x)
         x = x[:, sl].to(dev, non_blocking=True)
         y = y[:, sl].to(dev, non_blocking=True)
         return x, y, pos
+
+    def _document_inputs(self, x_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions (B, S_local), attention mask (B, 1, S, S)) of the documents in the whole
+        (B, S) token rows ``x_BS``, on this rank's device (``data.document_mask``)."""
+        doc = document_ids(x_BS, self.eos_id)
+        dev = self.device
+        return document_positions(doc)[:, self.seq_slice].to(dev), document_mask(doc).to(dev)
 
     def _context(self) -> ExitStack:
         """Autocast and the vocab-parallel loss context, around forward and backward."""
@@ -430,7 +452,12 @@ class GPTFamily(Family):
 
     def _run_pipeline(self, micro_batches: list, train: bool) -> torch.Tensor:
         """One step of the pipeline schedule over this rank's micro-batches; the mean loss
-        (only the last stage has one: summed over the pp group, identical on all pp ranks)."""
+        (only the last stage has one: summed over the pp group, identical on all pp ranks).
+
+        With ``data.document_mask`` every stage needs its micro-batch's document positions and
+        mask, but a stage receives only hidden states: they go in as keyword arguments, which
+        torch's schedules split into micro-batches like the inputs and hand to every stage
+        (every pp rank loads the same tokens, so each computes them itself)."""
         pipe, sl = self.pipeline, self.seq_slice
         x = torch.cat([b[0][:, sl] for b in micro_batches]).to(self.device)
         y = torch.cat([b[1][:, sl] for b in micro_batches]).to(self.device)
@@ -438,9 +465,14 @@ class GPTFamily(Family):
         keys = [self.token_keys(k, b[0].shape[0]) for k, b in enumerate(micro_batches)]
         if keys[0] is not None:  # split into micro-batches by the schedule, like the tokens
             inputs = (x, torch.cat(keys))
+        kwargs: dict[str, torch.Tensor] = {}
+        if self.eos_id is not None:
+            pos, mask = self._document_inputs(torch.cat([b[0] for b in micro_batches]))
+            kwargs = {"positions": pos, "attn_mask": mask}
         losses: list[torch.Tensor] = []
         run = pipe.schedule.step if train else pipe.schedule.eval
-        run(*(inputs if pipe.has_first else ()), target=y if pipe.has_last else None, losses=losses)
+        first = inputs if pipe.has_first else ()
+        run(*first, target=y if pipe.has_last else None, losses=losses, **kwargs)
         total = torch.zeros((), device=self.device)
         for loss in losses:
             total += loss.detach().float()
