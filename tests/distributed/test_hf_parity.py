@@ -31,7 +31,12 @@ LAYOUT = [
     "parallel.pp_schedule=interleaved_1f1b",
     "parallel.pp_virtual=2",
 ]
-TOKENIZER = {"tokenizer_config.json": '{"model_max_length": 64}', "tokenizer.json": "{}"}
+# Copied along on export. No tokenizer.json: the run trains on byte data, and a folder's
+# tokenizer.json must match the data's tokenizer (the import checks it).
+TOKENIZER = {
+    "tokenizer_config.json": '{"model_max_length": 64}',
+    "special_tokens_map.json": '{"eos_token": "</s>"}',
+}
 
 
 def _rank(rank: int, world: int, overrides: list[str], x: torch.Tensor) -> dict:

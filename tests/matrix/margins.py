@@ -75,10 +75,10 @@ def record_margins() -> Iterator[list[float]]:
     margins: list[float] = []
     sparsemixer, topk = moe.sparsemixer_v2, moe.topk_softmax
 
-    def sparsemixer_(logits_TE, jitter_eps=0.01, training=True, uniforms_T2X=None):
+    def sparsemixer_(logits_TE, jitter_eps=0.01, training=True, uniforms_T2X=None, *rest):
         u = uniforms_T2X if training else None
         margins.append(sparsemixer_margin(logits_TE, jitter_eps, u))
-        return sparsemixer(logits_TE, jitter_eps, training, uniforms_T2X)
+        return sparsemixer(logits_TE, jitter_eps, training, uniforms_T2X, *rest)
 
     def topk_(logits_TE, k):
         margins.append(topk_margin(logits_TE, k))
